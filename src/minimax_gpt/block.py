@@ -1,0 +1,54 @@
+"""One transformer block: a token mixer chosen by the layer's type, then the feed-forward branch (dense or MoE).
+
+Pre-norm (default):                       MiniMax-01 post-norm (`use_post_layernorm`):
+    x = a1 * x + b1 * mix(norm1(x))           h = norm1(x);  x = a1 * h + b1 * mix(h)
+    x = a2 * x + b2 * ffn(norm2(x))           h = norm2(x);  x = a2 * h + b2 * ffn(h)
+with (a, b) the DeepNorm-style residual factors of the config, chosen per layer type.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minimax_gpt.attention import SoftmaxAttention
+from minimax_gpt.config import MiniMaxConfig
+from minimax_gpt.context import ForwardContext
+from minimax_gpt.lightning import LightningAttention
+from minimax_gpt.mlp import SwiGLU
+from minimax_gpt.norm import RMSNorm
+
+MIXERS = {"softmax": SoftmaxAttention, "lightning": LightningAttention}
+
+
+def make_ffn(config: MiniMaxConfig, layer_idx: int) -> nn.Module:
+    if config.use_moe:
+        from minimax_gpt.moe import MoEFeedForward
+
+        return MoEFeedForward(config, layer_idx)
+    return SwiGLU(config)
+
+
+class EnhancedHybridBlock(nn.Module):
+    def __init__(self, config: MiniMaxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.post_norm = config.use_post_layernorm
+        self.norm1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = MIXERS[self.layer_type](config, layer_idx)
+        self.norm2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = make_ffn(config, layer_idx)
+        self.drop = nn.Dropout(config.dropout)
+        prefix = "linear_attn" if self.layer_type == "lightning" else "full_attn"
+        self.attn_alpha = getattr(config, f"{prefix}_alpha_factor")
+        self.attn_beta = getattr(config, f"{prefix}_beta_factor")
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext):
+        """x (B, T, C) -> (x, router stats or None)."""
+        h = self.norm1(x)
+        x = self.attn_alpha * (h if self.post_norm else x) + self.attn_beta * self.drop(self.attn(h, ctx))
+        h = self.norm2(x)
+        m, stats = self.mlp(h, ctx.token_mask)
+        x = self.mlp_alpha * (h if self.post_norm else x) + self.mlp_beta * self.drop(m)
+        return x, stats

@@ -1,0 +1,116 @@
+"""Sampling from a model: greedy, temperature, top-k and nucleus (top-p), with the cache or without it.
+
+`generate` returns the prompt followed by the new tokens; `stream` yields the new tokens one step at a time.
+Batched prompts of different lengths are left-padded and come with an attention mask (1 = real token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not (0 < top_p <= 1)):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 or top_k 1 is greedy (argmax)."""
+    logits = logits.float()
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first is always kept)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+           attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) at each step. Rows that emitted eos_token_id keep emitting it; the
+    stream stops when every row has, or after max_new_tokens steps."""
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a tensor of shape (batch, seq_len)")
+    B, T0 = input_ids.shape
+    config = model.config
+    if config.pos_embedding == "learned" and T0 + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                         f"({config.block_size}), the reach of the learned position embedding")
+    if attention_mask is not None:
+        attention_mask = _check_left_padded(attention_mask, input_ids.shape)
+    if max_new_tokens == 0:
+        return
+    cache = model.new_cache(B, capacity=T0 + max_new_tokens) if use_cache else None
+    seq, mask = input_ids, attention_mask
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+            finished = finished | (nxt == eos_token_id)
+        yield nxt
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            return
+        if use_cache:
+            logits = model(nxt[:, None], cache=cache, logits_to_keep=1).logits
+        else:
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            logits = model(seq, attention_mask=mask, logits_to_keep=1).logits
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+             streamer: Callable[[torch.Tensor], None] | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """input_ids (B, T0) -> (B, T0 + n), n <= max_new_tokens (fewer when every row reached eos_token_id).
+    temperature=0 or top_k=1 is greedy. `streamer`, if given, is called with each step's tokens (B,)."""
+    new = []
+    for tok in stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                      attention_mask, use_cache, generator):
+        if streamer is not None:
+            streamer(tok)
+        new.append(tok)
+    if not new:
+        return input_ids
+    return torch.cat((input_ids, torch.stack(new, dim=1)), dim=1)
+
+
+def _check_left_padded(mask: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}")
+    mask = mask.bool()
+    # left padding: once a row has a real token, every later token is real; and every row has one
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError("attention_mask must be left-padded for generation (zeros only before the first real token)")
+    if bool((~mask[:, -1]).any()):
+        raise ValueError("attention_mask: every row needs at least one real token, ending at the last position")
+    return mask
