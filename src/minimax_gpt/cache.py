@@ -16,7 +16,12 @@ from minimax_gpt.config import MiniMaxConfig
 
 class ModelCache:
     def __init__(self, config: MiniMaxConfig, batch_size: int, capacity: int = 256,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, max_rollback: int = 0):
+        """max_rollback: how many past forward calls `crop` can return to in lightning layers. Their state cannot be
+        un-decayed, so the cache keeps references to the states at the last max_rollback call boundaries (each
+        snapshot costs one (B, H, D, D) state per lightning layer; 0 keeps none)."""
+        if max_rollback < 0:
+            raise ValueError(f"max_rollback must be >= 0, got {max_rollback}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if capacity < 1:
@@ -38,6 +43,8 @@ class ModelCache:
             self.keys.append(torch.zeros(kv_shape, dtype=dtype, device=device) if softmax else None)
             self.values.append(torch.zeros(kv_shape, dtype=dtype, device=device) if softmax else None)
         self.states: list[torch.Tensor | None] = [None] * config.n_layer  # (B, H, D, D) float32, lightning layers
+        self.max_rollback = max_rollback
+        self._snapshots: list[tuple[int, list[torch.Tensor | None]]] = [(0, list(self.states))]
 
     # --- bookkeeping, called once per forward by the model ----------------------------------------------------
     def begin(self, token_mask: torch.Tensor | None, n_new: int) -> tuple[int, torch.Tensor]:
@@ -59,6 +66,50 @@ class ModelCache:
             self.next_position = self.next_position + n_new
         self.length += n_new
         return offset, positions
+
+    def end(self) -> None:
+        """Called by the model after a forward: remember the lightning states at this boundary for `crop`."""
+        self._snapshots.append((self.length, list(self.states)))
+        del self._snapshots[: max(0, len(self._snapshots) - self.max_rollback - 1)]
+
+    def crop(self, length: int) -> None:
+        """Forget every token after the first `length` slots (speculative decoding, retries)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        if any(t == "lightning" for t in self.config.layer_types):
+            found = [states for n, states in self._snapshots if n == length]
+            if not found:
+                kept = [n for n, _ in self._snapshots]
+                raise ValueError(f"cannot crop lightning states to length {length}: a recurrent state cannot be "
+                                 f"rolled back, and snapshots exist only at lengths {kept}; create the cache with a "
+                                 f"larger max_rollback (now {self.max_rollback})")
+            self.states = list(found[-1])
+        self._snapshots = [(n, s) for n, s in self._snapshots if n <= length]
+        self.length = length
+        self.next_position = self.key_valid[:, :length].sum(dim=1)  # real tokens so far = next position
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Select / repeat batch rows (beam search): row i becomes old row indices[i], for both cache kinds."""
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.key_valid.device)
+        if indices.dim() != 1 or indices.numel() == 0:
+            raise ValueError("indices must be a non-empty 1-D tensor of batch rows")
+        if bool(((indices < 0) | (indices >= self.batch_size)).any()):
+            raise ValueError(f"indices must be in [0, batch_size={self.batch_size})")
+
+        def pick(t):
+            return None if t is None else t.index_select(0, indices)
+
+        self.key_valid, self.key_positions = pick(self.key_valid), pick(self.key_positions)
+        self.next_position = pick(self.next_position)
+        self.keys, self.values = [pick(k) for k in self.keys], [pick(v) for v in self.values]
+        self.states = [pick(s) for s in self.states]
+        self._snapshots = [(n, [pick(s) for s in states]) for n, states in self._snapshots]
+        self.batch_size = indices.numel()
+
+    def nbytes(self) -> int:
+        """Memory held by the cache's tensors."""
+        tensors = [self.key_valid, self.key_positions, self.next_position, *self.keys, *self.values, *self.states]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:

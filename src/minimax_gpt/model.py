@@ -95,10 +95,12 @@ class EnhancedMiniMaxGPT(nn.Module):
                 module.init_weights(std, out_std)
 
     # --- running ------------------------------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, capacity: int | None = None) -> ModelCache:
-        """An empty cache for `batch_size` rows; buffers grow if `capacity` (default block_size) is exceeded."""
+    def new_cache(self, batch_size: int, capacity: int | None = None, max_rollback: int = 0) -> ModelCache:
+        """An empty cache for `batch_size` rows; buffers grow if `capacity` (default block_size) is exceeded.
+        max_rollback: how many forward calls back `cache.crop` may go in lightning layers (see ModelCache)."""
         p = self.wte.weight
-        return ModelCache(self.config, batch_size, capacity or self.config.block_size, p.device, p.dtype)
+        return ModelCache(self.config, batch_size, capacity or self.config.block_size, p.device, p.dtype,
+                          max_rollback=max_rollback)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
@@ -126,6 +128,8 @@ class EnhancedMiniMaxGPT(nn.Module):
             else:
                 x, s = block(x, ctx)
             stats.append(s)
+        if cache is not None:
+            cache.end()
         x = self.ln_f(x)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
@@ -185,6 +189,14 @@ class EnhancedMiniMaxGPT(nn.Module):
                 if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                     raise ValueError("attention_mask must contain only 0 and 1")
                 attention_mask = attention_mask.bool()
+            if "lightning" in self.config.layer_types:
+                # a recurrent state decays at every step: padding is exact on the left (before any token) and at the
+                # end (nothing real follows), not between real tokens
+                seen_real = attention_mask.cummax(dim=1).values
+                gap = (~attention_mask & seen_real).cummax(dim=1).values
+                if bool((attention_mask & gap).any()):
+                    raise ValueError("attention_mask has padding between real tokens; lightning layers need left "
+                                     "padding (or trailing padding), e.g. 0 0 1 1 1 or 1 1 1 0 0")
         return input_ids, targets, attention_mask
 
     @torch.no_grad()

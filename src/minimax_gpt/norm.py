@@ -1,4 +1,5 @@
-"""RMSNorm that is safe in fp16/bf16: statistics in float32, result in the input dtype."""
+"""RMSNorm that is safe in fp16/bf16: statistics in float32 (or float64 for float64 input), result in the input
+dtype."""
 
 import torch
 from torch import nn
@@ -13,9 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
