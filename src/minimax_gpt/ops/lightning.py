@@ -1,0 +1,262 @@
+"""Lightning attention: causal linear attention with a per-head exponential decay (MiniMax-01).
+
+Per head, with decay rate ``lam > 0`` and an optional initial state ``S_0`` (D x Dv):
+
+    S_t = exp(-lam) * S_{t-1} + k_t^T v_t              (state in K^T V orientation)
+    o_t = q_t S_t
+        = sum_{s<=t} exp(-lam * (t - s)) (q_t . k_s) v_s  +  exp(-lam * (t + 1)) q_t S_0
+
+No 1/sqrt(D) scale, no softmax, no normaliser. The initial state decays by exp(-lam) before the
+first token is added, as in Hugging Face's ``MiniMaxLightningAttention`` recurrent branch.
+
+Three functions compute the same thing, all ``fn(q, k, v, slopes, initial_state=None, **kw)
+-> (out, final_state)``:
+
+- ``lightning_attn_naive``: the quadratic formula above in float64, the oracle;
+- ``lightning_attn_chunked``: the block form used for training and prefill. With chunks of C
+  tokens, position i of chunk n (0-based) gets
+      o = [(q k^T) * M] v  +  exp(-lam * (i + 1)) q S_n,    M[i, j] = exp(-lam * (i - j)) for j <= i,
+  and the state carried across chunks is
+      S_{n+1} = exp(-lam * C) S_n + sum_j exp(-lam * (C - 1 - j)) k_j^T v_j;
+- ``lightning_attn_recurrent``: the token-by-token recurrence, used for decoding.
+
+Shape legend: B batch, H heads, T tokens, D query/key head dim, Dv value head dim,
+N chunks, C chunk size. q, k: (B, H, T, D); v: (B, H, T, Dv); slopes: (H,);
+state: (B, H, D, Dv). States are float32 (float64 for float64 inputs); outputs have the input dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "lightning_attn_chunked",
+    "lightning_attn_naive",
+    "lightning_attn_recurrent",
+    "lightning_slopes",
+]
+
+
+def lightning_slopes(n_head: int, layer_idx: int, n_layer: int) -> torch.Tensor:
+    """Decay rates lam of one layer, (H,) float32: ``2^(-8(h+1)/H) * (1 - l/(L-1+1e-5) + 1e-5)``.
+
+    ``layer_idx`` counts all layers (softmax ones too), as in MiniMax-01. The last layer decays
+    almost not at all (factor 1e-5 + tiny), the first one the most.
+    """
+    if n_head < 1:
+        raise ValueError(f"n_head must be >= 1, got {n_head}")
+    if n_layer < 1:
+        raise ValueError(f"n_layer must be >= 1, got {n_layer}")
+    if not 0 <= layer_idx < n_layer:
+        raise ValueError(f"layer_idx must be in [0, {n_layer}), got {layer_idx}")
+    exponent = torch.arange(1, n_head + 1, dtype=torch.float64)
+    base = 2.0 ** (-8.0 * exponent / n_head)  # (H,)
+    factor = 1.0 - layer_idx / (n_layer - 1 + 1e-5) + 1e-5
+    return (base * factor).to(torch.float32)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States (and all internal arithmetic) are float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> tuple[int, int, int, int, int]:
+    """Validate shapes and return (B, H, T, D, Dv)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, T, D), got rank {t.dim()} {tuple(t.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (B, H, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in (B, H, T), got v {tuple(v.shape)} and q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape (H,) = ({H},), got {tuple(slopes.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, D, Dv):
+        raise ValueError(
+            f"initial_state must have shape (B, H, D, Dv) = {(B, H, D, Dv)}, got {tuple(initial_state.shape)}"
+        )
+    return B, H, T, D, Dv
+
+
+def lightning_attn_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quadratic formula in float64: the reference every fast path is tested against.
+
+    Memory and time are O(T^2); use it for tests only.
+    """
+    B, H, T, D, Dv = _check_inputs(q, k, v, slopes, initial_state)
+    f64 = torch.float64
+    q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
+    lam = slopes.to(device=q.device, dtype=f64).view(H, 1, 1)  # (H, 1, 1)
+    pos = torch.arange(T, device=q.device, dtype=f64)
+    dist = pos[:, None] - pos[None, :]  # (T, T): t - s
+    causal = dist >= 0
+    decay = torch.exp(-lam * dist.clamp(min=0)) * causal  # (H, T, T), zero above the diagonal
+
+    scores = q64 @ k64.transpose(-1, -2) * decay  # (B, H, T, T)
+    out = scores @ v64  # (B, H, T, Dv)
+    # state at the end: S_T = exp(-lam T) S_0 + sum_s exp(-lam (T-1-s)) k_s^T v_s
+    key_decay = torch.exp(-lam * (T - 1 - pos).view(1, T, 1))  # (H, T, 1)
+    state = (k64 * key_decay).transpose(-1, -2) @ v64  # (B, H, D, Dv)
+    if initial_state is not None:
+        s0 = initial_state.to(f64)
+        query_decay = torch.exp(-lam * (pos + 1).view(1, T, 1))  # (H, T, 1)
+        out = out + query_decay * (q64 @ s0)
+        state = state + torch.exp(-lam * T) * s0
+    return out.to(q.dtype), state.to(_state_dtype(q.dtype))
+
+
+def lightning_attn_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence ``S_t = exp(-lam) S_{t-1} + k_t^T v_t, o_t = q_t S_t``.
+
+    Constant memory in T; used for decoding (T is usually 1). State is float32 (float64 for
+    float64 inputs).
+    """
+    B, H, T, D, Dv = _check_inputs(q, k, v, slopes, initial_state)
+    cdt = _state_dtype(q.dtype)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    ratio = torch.exp(-slopes.to(device=q.device, dtype=cdt)).view(1, H, 1, 1)  # (1, H, 1, 1)
+    if initial_state is None:
+        state = q.new_zeros((B, H, D, Dv), dtype=cdt)
+    else:
+        state = initial_state.to(cdt)
+    outs = []
+    for t in range(T):
+        kv = kc[:, :, t, :, None] * vc[:, :, t, None, :]  # (B, H, D, Dv) = k_t^T v_t
+        state = torch.addcmul(kv, state, ratio)
+        outs.append(qc[:, :, t, None, :] @ state)  # (B, H, 1, Dv)
+    out = torch.cat(outs, dim=2) if T > 0 else vc.new_empty((B, H, 0, Dv))  # (B, H, T, Dv)
+    return out.to(q.dtype), state
+
+
+_logged_cuda_fallback = False
+
+
+def _log_cuda_fallback_once() -> None:
+    global _logged_cuda_fallback
+    if not _logged_cuda_fallback:
+        _logged_cuda_fallback = True
+        logger.warning(
+            "lightning_attn_chunked: no fused CUDA kernel is wired in; using the pure-PyTorch block form "
+            "(correct, but slower than a fused kernel such as fla's chunk_simple_gla)."
+        )
+
+
+def _chunk_decays(lam: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay tensors of one chunk of C tokens, for lam (H, 1, 1) in the compute dtype.
+
+    Returns
+      mask:        (H, C, C)  exp(-lam (i - j)) for j <= i, else 0    (intra-chunk)
+      query_decay: (H, C, 1)  exp(-lam (i + 1))                      (carried state -> position i)
+      key_decay:   (H, C, 1)  exp(-lam (C - 1 - j))                  (position j -> end of chunk)
+      chunk_decay: (H, 1, 1)  exp(-lam C)                            (state across a whole chunk)
+    """
+    pos = torch.arange(C, device=lam.device, dtype=lam.dtype)
+    dist = pos[:, None] - pos[None, :]  # (C, C)
+    mask = torch.exp(-lam * dist.clamp(min=0)) * (dist >= 0)
+    query_decay = torch.exp(-lam * (pos + 1).view(C, 1))
+    key_decay = torch.exp(-lam * (C - 1 - pos).view(C, 1))
+    chunk_decay = torch.exp(-lam * C)
+    return mask, query_decay, key_decay, chunk_decay
+
+
+def lightning_attn_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block form: a decay-masked quadratic product inside each chunk, a carried state across chunks.
+
+    Cost is O(T C D + T D Dv): linear in T. Any T works; a final partial chunk is handled with its
+    own (shorter) decays, so no padding copy is made. Differentiable by plain autograd. Arithmetic
+    and the state are float32 (float64 for float64 inputs); the output has the input dtype.
+    """
+    B, H, T, D, Dv = _check_inputs(q, k, v, slopes, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if q.is_cuda:
+        _log_cuda_fallback_once()
+
+    cdt = _state_dtype(q.dtype)
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)  # no copy when already in cdt
+    lam = slopes.to(device=q.device, dtype=cdt).view(H, 1, 1)  # (H, 1, 1)
+    if initial_state is None:
+        state = q.new_zeros((B, H, D, Dv), dtype=cdt)
+    else:
+        state = initial_state.to(cdt)
+
+    C = min(chunk_size, T) if T > 0 else 1
+    N, R = divmod(T, C)  # N full chunks, R leftover tokens
+    outs = []
+
+    if N > 0:
+        mask, query_decay, key_decay, chunk_decay = _chunk_decays(lam, C)
+        # Views, not copies: split T into (N, C).
+        qb = qc[:, :, : N * C].unflatten(2, (N, C))  # (B, H, N, C, D)
+        kb = kc[:, :, : N * C].unflatten(2, (N, C))  # (B, H, N, C, D)
+        vb = vc[:, :, : N * C].unflatten(2, (N, C))  # (B, H, N, C, Dv)
+        mask_b = mask.unsqueeze(1)  # (H, 1, C, C), broadcasts over (B, H, N, C, C)
+
+        # Each chunk's own contribution to the state at its end: (k * key_decay)^T v.
+        chunk_kv = (kb * key_decay.unsqueeze(1)).transpose(-1, -2) @ vb  # (B, H, N, D, Dv)
+
+        # Carried state entering each chunk: a short scan over N (the only Python loop). unbind, not
+        # chunk_kv[:, :, n]: the backward of N indexings would zero-fill N full-size gradients.
+        starts = [state]
+        for kv in chunk_kv.unbind(2):  # each (B, H, D, Dv)
+            state = torch.addcmul(kv, state, chunk_decay)
+            starts.append(state)
+        start_states = torch.stack(starts[:-1], dim=2)  # (B, H, N, D, Dv)
+
+        # Intra-chunk: one batched matmul over all (B, H, N). The in-place mask multiply is safe:
+        # matmul does not save its output for backward, and mask needs no gradient.
+        scores = (qb @ kb.transpose(-1, -2)).mul_(mask_b)  # (B, H, N, C, C)
+        out = scores @ vb  # (B, H, N, C, Dv)
+        # Inter-chunk: (q * query_decay) S_n == query_decay * (q S_n), which avoids a scaled copy of q.
+        out = out.addcmul_(qb @ start_states, query_decay.unsqueeze(1))  # (B, H, N, C, Dv)
+        outs.append(out.flatten(2, 3))  # (B, H, N*C, Dv)
+
+    if R > 0:
+        # Leftover tokens: one more chunk of length R with its own decays.
+        mask, query_decay, key_decay, chunk_decay = _chunk_decays(lam, R)
+        qt, kt, vt = qc[:, :, N * C :], kc[:, :, N * C :], vc[:, :, N * C :]  # (B, H, R, *)
+        scores = (qt @ kt.transpose(-1, -2)).mul_(mask)  # (B, H, R, R)
+        out = (scores @ vt).addcmul_(qt @ state, query_decay)  # (B, H, R, Dv)
+        outs.append(out)
+        state = torch.addcmul((kt * key_decay).transpose(-1, -2) @ vt, state, chunk_decay)  # (B, H, D, Dv)
+
+    if not outs:  # T == 0
+        out = vc.new_empty((B, H, 0, Dv))
+    elif len(outs) == 1:
+        out = outs[0]
+    else:
+        out = torch.cat(outs, dim=2)  # (B, H, T, Dv)
+    return out.to(q.dtype), state

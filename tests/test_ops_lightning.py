@@ -1,0 +1,231 @@
+"""Lightning attention ops: chunked and recurrent against the float64 quadratic oracle, and against transformers."""
+
+import pytest
+import torch
+
+from minimax_gpt.ops import (
+    lightning_attn_chunked,
+    lightning_attn_naive,
+    lightning_attn_recurrent,
+    lightning_slopes,
+)
+
+F64 = torch.float64
+# Decay rates spanning fast (exp(-1) per token) to almost none, so every decay term matters.
+SLOPES = torch.tensor([1.0, 0.3, 0.02, 1e-4], dtype=F64)
+B, H, D, DV = 2, 4, 6, 5  # D != Dv on purpose
+
+
+def make_inputs(T, dtype=F64, with_state=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=F64).to(dtype)
+    k = torch.randn(B, H, T, D, generator=g, dtype=F64).to(dtype)
+    v = torch.randn(B, H, T, DV, generator=g, dtype=F64).to(dtype)
+    s0 = torch.randn(B, H, D, DV, generator=g, dtype=F64) if with_state else None
+    return q, k, v, s0
+
+
+def run_with_grads(fn, q, k, v, s0, **kw):
+    """Output, final state and the gradients of a fixed random loss w.r.t. q, k, v (and s0)."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    if s0 is not None:
+        leaves.append(s0.clone().requires_grad_(True))
+    init = leaves[3] if s0 is not None else None
+    out, state = fn(*leaves[:3], SLOPES, init, **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return out.detach(), state.detach(), grads
+
+
+def assert_exact(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 130])
+def test_fast_paths_match_oracle_fp64(T, with_state):
+    q, k, v, s0 = make_inputs(T, with_state=with_state)
+    ref_out, ref_state, ref_grads = run_with_grads(lightning_attn_naive, q, k, v, s0)
+    candidates = [(lightning_attn_chunked, {"chunk_size": c}) for c in (16, 64)]
+    candidates.append((lightning_attn_recurrent, {}))
+    for fn, kw in candidates:
+        out, state, grads = run_with_grads(fn, q, k, v, s0, **kw)
+        assert out.dtype == F64 and state.dtype == F64
+        assert out.shape == (B, H, T, DV) and state.shape == (B, H, D, DV)
+        assert_exact(out, ref_out)
+        assert_exact(state, ref_state)
+        assert len(grads) == len(ref_grads)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert_exact(grad, ref_grad)
+
+
+def test_oracle_matches_recurrence_written_out():
+    """The oracle itself against S_t = exp(-lam) S_{t-1} + k_t^T v_t, o_t = q_t S_t, one head by hand."""
+    q, k, v, s0 = make_inputs(9)
+    out, state = lightning_attn_naive(q, k, v, SLOPES, s0)
+    b, h = 1, 2
+    S = s0[b, h].clone()
+    for t in range(9):
+        S = torch.exp(-SLOPES[h]) * S + torch.outer(k[b, h, t], v[b, h, t])
+        assert_exact(out[b, h, t], q[b, h, t] @ S)
+    assert_exact(state[b, h], S)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16, 64, 1000])
+def test_split_sequence_equals_full(chunk_size):
+    q, k, v, s0 = make_inputs(100)
+    full_out, full_state = lightning_attn_chunked(q, k, v, SLOPES, s0, chunk_size=chunk_size)
+    cut = 37
+    out1, state1 = lightning_attn_chunked(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], SLOPES, s0, chunk_size=chunk_size)
+    out2, state2 = lightning_attn_chunked(
+        q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], SLOPES, state1, chunk_size=chunk_size
+    )
+    assert_exact(torch.cat([out1, out2], dim=2), full_out)
+    assert_exact(state2, full_state)
+
+
+def test_prefill_then_decode_equals_full():
+    q, k, v, _ = make_inputs(50)
+    full_out, full_state = lightning_attn_chunked(q, k, v, SLOPES, chunk_size=16)
+    out, state = lightning_attn_chunked(q[:, :, :40], k[:, :, :40], v[:, :, :40], SLOPES, chunk_size=16)
+    outs = [out]
+    for t in range(40, 50):
+        o, state = lightning_attn_recurrent(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], SLOPES, state)
+        outs.append(o)
+    assert_exact(torch.cat(outs, dim=2), full_out)
+    assert_exact(state, full_state)
+
+
+def test_fp32_matches_oracle():
+    q, k, v, s0 = make_inputs(130, dtype=torch.float32)
+    s0 = s0.float()
+    ref_out, ref_state = lightning_attn_naive(q.double(), k.double(), v.double(), SLOPES, s0.double())
+    for fn, kw in ((lightning_attn_chunked, {"chunk_size": 64}), (lightning_attn_recurrent, {})):
+        out, state = fn(q, k, v, SLOPES.float(), s0, **kw)
+        assert out.dtype == torch.float32 and state.dtype == torch.float32
+        # float32 unit roundoff is 6e-8; sums of ~100 O(1) terms stay well within 1e-5 of the scale.
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * ref_out.abs().max().item())
+        torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5 * ref_state.abs().max().item())
+
+
+@pytest.mark.parametrize("T", [65, 130])
+def test_bf16_inputs_keep_float32_state(T):
+    q, k, v, s0 = make_inputs(T, dtype=torch.bfloat16)
+    s0 = s0.float()
+    out, state = lightning_attn_chunked(q, k, v, SLOPES.float(), s0, chunk_size=16)
+    assert out.dtype == torch.bfloat16
+    assert state.dtype == torch.float32
+    # Oracle on the very same (bf16-rounded) inputs, in float64.
+    ref_out, ref_state = lightning_attn_naive(q.double(), k.double(), v.double(), SLOPES, s0.double())
+    # The output is rounded once to bf16 (8 significant bits: relative error <= 2^-9); the float32
+    # arithmetic before it adds ~1e-6 of the output scale.
+    torch.testing.assert_close(out.double(), ref_out, rtol=2**-8, atol=1e-5 * ref_out.abs().max().item())
+    # The state never passes through bf16, so it is float32-accurate: 2^-8 would hide a bf16 state.
+    torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5 * ref_state.abs().max().item())
+    assert (state.double() - ref_state).abs().max() < 1e-3 * 2**-8 * ref_state.abs().max()
+
+
+def test_empty_sequence_passes_state_through():
+    q, k, v, s0 = make_inputs(0)
+    for fn in (lightning_attn_naive, lightning_attn_chunked, lightning_attn_recurrent):
+        out, state = fn(q, k, v, SLOPES, s0)
+        assert out.shape == (B, H, 0, DV)
+        assert_exact(state, s0)
+
+
+def test_input_validation():
+    q, k, v, s0 = make_inputs(8)
+    bad_calls = [
+        ((q[0], k, v, SLOPES), {}),  # rank 3
+        ((q, k[:, :, :4], v, SLOPES), {}),  # T mismatch
+        ((q, k, v[:, :2], SLOPES), {}),  # H mismatch in v
+        ((q, k, v, SLOPES[:2]), {}),  # slopes shape
+        ((q, k, v, SLOPES, s0[..., :2]), {}),  # state shape
+        ((q, k.float(), v, SLOPES), {}),  # mixed dtypes
+    ]
+    for fn in (lightning_attn_naive, lightning_attn_chunked, lightning_attn_recurrent):
+        for args, kw in bad_calls:
+            with pytest.raises(ValueError):
+                fn(*args, **kw)
+    for chunk_size in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="chunk_size"):
+            lightning_attn_chunked(q, k, v, SLOPES, chunk_size=chunk_size)
+
+
+# --- against transformers' MiniMaxLightningAttention ------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+from transformers import MiniMaxConfig  # noqa: E402
+from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention  # noqa: E402
+
+
+def hf_layer(n_head, n_layer, layer_idx, head_dim=4, block_size=16):
+    config = MiniMaxConfig(
+        hidden_size=n_head * head_dim,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head,
+        head_dim=head_dim,
+        num_hidden_layers=n_layer,
+        intermediate_size=16,
+        num_local_experts=2,
+        block_size=block_size,
+    )
+    return MiniMaxLightningAttention(config, layer_idx)
+
+
+@pytest.mark.parametrize(
+    "n_head, n_layer, layer_idx",
+    [(4, 4, 0), (4, 4, 1), (4, 4, 3), (8, 8, 5), (64, 80, 0), (64, 80, 45), (64, 80, 79), (6, 1, 0)],
+)
+def test_slopes_match_transformers(n_head, n_layer, layer_idx):
+    ours = lightning_slopes(n_head, layer_idx, n_layer)
+    assert ours.dtype == torch.float32 and ours.shape == (n_head,)
+    layer = hf_layer(n_head, n_layer, layer_idx)
+    # Their get_slope_rate evaluates in the default dtype. In float64 it is the exact formula, and ours
+    # must be that value rounded to float32 (within one float32 ulp, 2^-23 relative).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        theirs64 = layer.get_slope_rate().flatten()
+    finally:
+        torch.set_default_dtype(previous)
+    assert theirs64.dtype == F64
+    torch.testing.assert_close(ours.double(), theirs64, rtol=2**-23, atol=0)
+    # Their float32 buffer raises a float32-rounded base to the power h+1, so its error grows to about
+    # (h + 2) float32 ulps; ours is the correctly rounded value, hence this wider bound.
+    theirs32 = layer.slope_rate.flatten()
+    torch.testing.assert_close(ours, theirs32, rtol=(n_head + 2) * 2**-24, atol=0)
+
+
+def test_slopes_validation():
+    for args in ((0, 0, 4), (4, 4, 4), (4, -1, 4), (4, 0, 0)):
+        with pytest.raises(ValueError):
+            lightning_slopes(*args)
+
+
+@pytest.mark.parametrize("T", [48, 37])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_chunked_matches_transformers_block_loop(T, chunk_size):
+    """Core output and final state of our op equal transformers' block loop on the same q, k, v."""
+    torch.manual_seed(0)
+    layer = hf_layer(n_head=4, n_layer=4, layer_idx=1, head_dim=4, block_size=16).double()
+    # Their decay buffers were computed in float32 at init; recompute them in float64 so the
+    # comparison tests the algorithm, not float32 rounding of their buffers.
+    query_decay, key_decay, diagonal_decay = layer.decay_factors(layer.slope_rate)
+    layer.query_decay, layer.key_decay, layer.diagonal_decay = query_decay, key_decay, diagonal_decay
+
+    captured = {}
+    layer.norm.register_forward_pre_hook(lambda mod, args: captured.setdefault("core", args[0]))
+    x = torch.randn(2, T, layer.num_attention_heads * layer.head_dim, dtype=F64)
+    with torch.no_grad():
+        _, their_state = layer(x, position_embeddings=None, attention_mask=None)
+        qkv = torch.nn.functional.silu(layer.qkv_proj(x))  # (B, T, H*3*D), head-major [q_h | k_h | v_h]
+    qkv = qkv.view(2, T, layer.num_attention_heads, 3 * layer.head_dim).transpose(1, 2)  # (B, H, T, 3D)
+    q, k, v = qkv.split(layer.head_dim, dim=-1)  # each (B, H, T, D)
+    slopes = layer.slope_rate.flatten()  # (H,)
+    out, state = lightning_attn_chunked(q, k, v, slopes, chunk_size=chunk_size)
+    their_core = captured["core"].view(2, T, layer.num_attention_heads, layer.head_dim).transpose(1, 2)
+    assert_exact(out, their_core)
+    assert_exact(state, their_state)
