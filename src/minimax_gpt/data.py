@@ -1,0 +1,335 @@
+"""Training data: read texts, tokenize once into memory-mapped token files, sample batches.
+
+``prepare`` writes a directory (nanoGPT's layout)::
+
+    train.bin        raw token ids, np.uint16 when vocab_size <= 65536 else np.uint32
+    val.bin          the last val_fraction of the token stream, same dtype
+    tokenizer/       the tokenizer (tokenizer.Tokenizer.save)
+    meta.json        {"dtype", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "source", ...}; written last
+
+``TokenDataset(dir, split)`` memory-maps one split and hands out (x, y) int64 batches of shape (B, T) with
+y = x shifted by one token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimax_gpt.tokenizer import META_FILE, Tokenizer, build_tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+FOLDER_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+
+# The default corpus: the running interpreter's standard library, .py files in sorted relative-path order,
+# without tests, installed packages, and modules that are data tables rather than code (encodings: codec
+# tables; pydoc_data: one big help string), capped so that preparing it takes about a second.
+DEFAULT_CORPUS_MAX_BYTES = 4 * 2**20
+_DEFAULT_CORPUS_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+)
+
+
+def default_corpus() -> list[Path]:
+    """The standard library's ``.py`` sources of this interpreter, sorted by path relative to the stdlib
+    directory, skipping empty files and the excluded directories, up to the first file that would take the
+    total past DEFAULT_CORPUS_MAX_BYTES (4 MiB). Same Python build -> same list."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    candidates = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _DEFAULT_CORPUS_EXCLUDED_DIRS]  # prune, do not descend
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.endswith(".py") and path.is_file():
+                candidates.append((path.relative_to(root).as_posix(), path))
+    files, total = [], 0
+    for _, path in sorted(candidates):
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        if total + size > DEFAULT_CORPUS_MAX_BYTES:
+            break
+        files.append(path)
+        total += size
+    if not files:
+        raise ValueError(f"no standard-library .py sources found under {root}")
+    return files
+
+
+def _decode_utf8(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 at byte offset {e.start} ({e.reason})") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts, offset = [], 0
+    for lineno, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason})") from None
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+        if record["text"]:
+            texts.append(record["text"])
+    return texts
+
+
+def _read_parquet(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = table.column_names
+        column = table.column("text").to_pylist() if "text" in columns else None
+    except ImportError:
+        try:
+            import pandas as pd
+
+            frame = pd.read_parquet(path)
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow) or pandas") from None
+        columns, column = list(frame.columns), (frame["text"].tolist() if "text" in frame.columns else None)
+    if column is None:
+        raise ValueError(f'{path}: no "text" column (columns: {", ".join(map(str, columns))})')
+    for row, value in enumerate(column):
+        if not isinstance(value, str):
+            raise ValueError(f'{path}: row {row}: "text" must be a string, got {type(value).__name__}')
+    return [t for t in column if t]
+
+
+def _read_file(path: Path) -> list[str]:
+    """The documents of one file: one per text file, one per JSONL line, one per parquet row."""
+    if path.suffix == ".jsonl":
+        texts = _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        texts = _read_parquet(path)
+    else:
+        text = _decode_utf8(path.read_bytes(), path)
+        texts = [text] if text else []
+    return texts
+
+
+def _files_in(folder: Path) -> list[Path]:
+    files, skipped = [], 0
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix in FOLDER_SUFFIXES:
+            files.append(path)
+        else:
+            skipped += 1
+    if skipped:
+        logger.info("%s: skipped %d files not ending in %s", folder, skipped, ", ".join(FOLDER_SUFFIXES))
+    return files
+
+
+def read_texts(path: str | os.PathLike | None) -> list[str]:
+    """Documents from ``path``: None -> default_corpus(); a text file (one document); a folder (recursively,
+    sorted, files ending in .txt .md .rst .py .text .jsonl .parquet, hidden ones skipped, empty files skipped);
+    a ``.jsonl`` file with a string "text" field per line; a ``.parquet`` file with a "text" column.
+    Raises ValueError naming the file for invalid UTF-8 (with byte offset), a JSONL line without "text" (with
+    line number), or when a file or the whole set holds no text."""
+    if path is None:
+        files, where = default_corpus(), "the default corpus"
+    else:
+        path = Path(path)
+        if path.is_dir():
+            files, where = _files_in(path), str(path)
+        elif path.is_file():
+            texts = _read_file(path)
+            if not texts:
+                raise ValueError(f"{path}: no text (the file is empty or all its documents are)")
+            return texts
+        else:
+            raise FileNotFoundError(f"data path {path} does not exist")
+    texts = [text for file in files for text in _read_file(file)]
+    if not texts:
+        raise ValueError(f"{where}: no text found (no non-empty files ending in {', '.join(FOLDER_SUFFIXES)})")
+    return texts
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """np.uint16 when every id fits (vocab_size <= 65536), else np.uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _tokenizer_for(texts: list[str], kind: str, vocab_size: int | None, tokenizer_path) -> Tokenizer:
+    if tokenizer_path is not None and (Path(tokenizer_path) / META_FILE).is_file():
+        tokenizer = load_tokenizer(tokenizer_path)  # a tokenizer saved earlier, e.g. with a checkpoint
+        if tokenizer.kind != kind:
+            raise ValueError(f"tokenizer_path {tokenizer_path} holds a {tokenizer.kind!r} tokenizer, not {kind!r}")
+        if vocab_size is not None and vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"vocab_size={vocab_size} but the tokenizer in {tokenizer_path} has {tokenizer.vocab_size} tokens"
+            )
+        return tokenizer
+    text = "".join(texts) if kind in ("char", "bpe") else None
+    name_or_path = None if tokenizer_path is None else str(tokenizer_path)
+    return build_tokenizer(kind, text=text, vocab_size=vocab_size, name_or_path=name_or_path)
+
+
+def prepare(
+    data: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    tokenizer_kind: str = "bytes",
+    vocab_size: int | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    eos_between_docs: bool = True,
+) -> dict:
+    """Tokenize ``data`` (see read_texts; None -> the default corpus) once into ``out_dir``; return meta.json's dict.
+
+    The tokenizer is built by ``build_tokenizer(tokenizer_kind, ...)``: char and bpe are trained on the
+    concatenated documents; ``tokenizer_path`` is the tiktoken name/file or hf directory, or a directory a
+    tokenizer was saved to (then that tokenizer is reused, e.g. to evaluate a checkpoint on new data).
+    The split is nanoGPT's: of n tokens, the first int(n * (1 - val_fraction)) are train, the rest val.
+    With ``eos_between_docs`` the tokenizer's end-of-text id separates documents; tokenizers without one
+    (bytes, char keep their exact vocabularies) concatenate documents, which is logged and recorded as
+    ``"eos_between_docs": false`` in meta.json. Every file is written to a temporary name and renamed;
+    meta.json is written last, so a directory with meta.json is complete.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
+    out_dir = Path(out_dir)
+    texts = read_texts(data)
+    tokenizer = _tokenizer_for(texts, tokenizer_kind, vocab_size, tokenizer_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    use_eos = eos_between_docs and tokenizer.eos_token_id is not None
+    if eos_between_docs and not use_eos:
+        logger.info("tokenizer %r has no end-of-text token: documents are concatenated without one", tokenizer.kind)
+    eos = np.array([tokenizer.eos_token_id], dtype=dtype) if use_eos else None
+    pieces = []
+    for i, text in enumerate(texts):
+        if eos is not None and i > 0:
+            pieces.append(eos)
+        pieces.append(np.asarray(tokenizer.encode(text), dtype=dtype))
+    tokens = np.concatenate(pieces)
+    n_train = int(len(tokens) * (1.0 - val_fraction))
+    train, val = tokens[:n_train], tokens[n_train:]
+    if len(train) < 2 or (val_fraction > 0 and len(val) < 2):
+        raise ValueError(
+            f"{len(tokens)} tokens are too few to split with val_fraction={val_fraction} "
+            f"(train {len(train)}, val {len(val)}; each needs at least 2)"
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "meta.json").exists():
+        (out_dir / "meta.json").unlink()  # the directory is incomplete until the new meta.json lands
+    _atomic_write_bytes(out_dir / "train.bin", train.tofile)
+    _atomic_write_bytes(out_dir / "val.bin", val.tofile)
+    tokenizer.save(out_dir / "tokenizer")
+    meta = {
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "train_tokens": int(len(train)),
+        "val_tokens": int(len(val)),
+        "tokenizer": tokenizer.kind,
+        "source": "default_corpus" if data is None else str(data),
+        "documents": len(texts),
+        "eos_between_docs": use_eos,
+        "eos_token_id": tokenizer.eos_token_id,
+        "val_fraction": val_fraction,
+    }
+    payload = (json.dumps(meta, indent=2) + "\n").encode()
+    _atomic_write_bytes(out_dir / "meta.json", lambda f: f.write(payload))
+    return meta
+
+
+class TokenDataset:
+    """One split of a prepared directory, memory-mapped.
+
+    ``get_batch`` draws random windows from a CPU ``torch.Generator`` (save ``generator.get_state()`` to resume
+    the same data order); ``iter_eval_batches`` walks fixed, non-overlapping windows.
+    """
+
+    def __init__(self, prepared_dir: str | os.PathLike, split: str):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
+        prepared_dir = Path(prepared_dir)
+        meta_path = prepared_dir / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: run `minimax-gpt prepare` (data.prepare) first")
+        self.meta = json.loads(meta_path.read_text())
+        self.prepared_dir, self.split = prepared_dir, split
+        self.vocab_size: int = self.meta["vocab_size"]
+        path, dtype = prepared_dir / f"{split}.bin", np.dtype(self.meta["dtype"])
+        expected = self.meta[f"{split}_tokens"]
+        if path.stat().st_size != expected * dtype.itemsize:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, meta.json says {expected} {dtype.name} tokens")
+        self.tokens: np.ndarray = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _check_length(self, seq_len: int) -> None:
+        if len(self.tokens) < seq_len + 1:
+            raise ValueError(
+                f"{self.split} split of {self.prepared_dir} has {len(self.tokens)} tokens, fewer than one sequence "
+                f"of seq_len + 1 = {seq_len + 1}; use more data, a shorter seq_len or a different val_fraction"
+            )
+
+    def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = starts[:, None] + np.arange(seq_len + 1)  # (B, T+1)
+        xy = torch.from_numpy(self.tokens[index].astype(np.int64))  # (B, T+1)
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+    def get_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 (B, T) on CPU; B random window starts drawn from ``generator``; y[:, t] = x[:, t + 1]."""
+        self._check_length(seq_len)
+        starts = torch.randint(len(self.tokens) - seq_len, (batch_size,), generator=generator).numpy()
+        return self._windows(starts, seq_len)
+
+    def iter_eval_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows from the start, in order: window k is tokens[k*T : k*T + T + 1]. Every batch
+        has batch_size rows except possibly the last; at most max_batches batches."""
+        self._check_length(seq_len)
+        n_windows = (len(self.tokens) - 1) // seq_len
+        for b, first in enumerate(range(0, n_windows, batch_size)):
+            if max_batches is not None and b >= max_batches:
+                return
+            starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len
+            yield self._windows(starts, seq_len)
+
+    def shard(self, rank: int, world_size: int) -> TokenDataset:
+        """Rank ``rank``'s contiguous 1/world_size of the tokens (the n % world_size tail tokens are unused)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+        size = len(self.tokens) // world_size
+        shard = copy.copy(self)
+        shard.tokens = self.tokens[rank * size : (rank + 1) * size]
+        return shard
