@@ -211,3 +211,17 @@ class EnhancedMiniMaxGPT(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
+
+    # --- our checkpoint format (minimax_gpt.pretrained) --------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """config.json + model.safetensors, written atomically; see `minimax_gpt.pretrained`."""
+        from minimax_gpt.pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "EnhancedMiniMaxGPT":
+        """The model written by `save_pretrained`, in eval mode."""
+        from minimax_gpt.pretrained import from_pretrained
+
+        return from_pretrained(directory, device=device, dtype=dtype)
