@@ -1,0 +1,357 @@
+"""Mixture of Experts: a top-k router over SwiGLU experts, with capacity limiting and vectorised dispatch.
+
+The model calls `MoEFeedForward(config, layer_idx)(x, token_mask) -> (y, stats)` where the block's MLP would be; the
+block adds the residual (and its alpha / beta scaling). The auxiliary losses are computed once per forward, from the
+`RouterStats` every MoE layer *returns* (nothing is accumulated on the module, so the recomputation of a checkpointed
+block cannot count a layer twice): `moe_aux_losses(stats, config)` then `moe_total_aux_loss(losses, config)`.
+
+Routing (MiniMax-01 / Mixtral form). Logits and softmax in float32; the top-k probabilities are renormalised to sum
+to 1 and are the combine weights. With `moe_capacity_factor = cf`, each expert takes at most
+`cap = ceil(cf * n_tokens * k / E)` assignments, n_tokens counting non-pad tokens only; an expert's overflow is dropped
+lowest router probability first (ties: later token first). A dropped assignment contributes nothing, the remaining
+weights are not renormalised, and a token whose every assignment is dropped gets y = 0 (the residual carries it).
+Padding tokens (token_mask False) are neither routed nor counted, and their y is 0.
+
+Dispatch, with no loop over tokens and no host synchronisation per expert: the (token, expert) assignments are sorted
+by expert (then by descending probability, which orders the capacity drop), tokens are gathered once, the experts run
+as one `bmm` per weight over an (E, capacity, C) buffer, and outputs are scattered back with `index_add_`. The buffer's
+capacity is static under capacity limiting (the cap for a batch without padding) and the largest expert load when
+dropless (one host sync per layer). `dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no
+sync at all); it is verified on CPU (fp32 / bf16) but slower there than bmm, so "auto" (the default) is bmm. `moe_forward_reference` is the plain per-expert loop kept for tests.
+
+Losses (unweighted; the coefficients live in the config):
+  load_balance  E * sum_e f_e * P_e over the non-pad tokens of all layers (Switch / Mixtral, as transformers'
+                `load_balancing_loss_func`): f_e = top-k selections of e / tokens (before capacity drops; sums to k),
+                P_e = mean router probability of e. Equals k under uniform routing and grows towards k * E / k' as the
+                router collapses onto k' experts.
+  router_z      ST-MoE z-loss: mean over non-pad tokens and layers of logsumexp(logits)^2.
+  diversity     mean over layers of the mean squared off-diagonal cosine similarity between the experts' flattened
+                weights [w1 | w3 | w2]; 0 for orthogonal experts, 1 for identical (or sign-flipped) ones. Computed
+                only when moe_diversity_loss_coef > 0 (else reported as 0); `expert_diversity(layer)` measures it
+                on demand for logging.
+
+Shapes: B batch, T time, C n_embd, I intermediate_size, E num_experts, k moe_top_k, N = B * T tokens,
+A = N * k assignments, S = E * capacity slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimax_gpt.config import MiniMaxConfig
+
+DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm")
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports for one forward. Loss inputs keep their graph; logging fields are detached."""
+
+    expert_counts: torch.Tensor  # (E,) float32: top-k selections per expert over non-pad tokens (before drops)
+    prob_sum: torch.Tensor  # (E,) float32: sum of router probabilities over non-pad tokens (differentiable)
+    z_sum: torch.Tensor  # () float32: sum of logsumexp(logits)^2 over non-pad tokens (differentiable)
+    num_tokens: torch.Tensor  # () float32: non-pad tokens routed
+    diversity: torch.Tensor  # () float32: expert similarity (module docstring); 0, not computed, when its coef is 0
+    load: torch.Tensor  # (E,) detached: fraction of this layer's top-k selections that went to each expert
+    dropped_fraction: torch.Tensor  # () detached: share of assignments dropped by the capacity limit
+
+
+class MoEFeedForward(nn.Module):
+    """Router + E SwiGLU experts (+ optional per-channel layer scale) for one layer.
+
+    Expert weights are stacked: w1, w3 (E, I, C) and w2 (E, C, I); expert e computes
+    w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x)). In Hugging Face MiniMax terms gate_up_proj[e] = [w1[e]; w3[e]] and
+    down_proj[e] = w2[e]; `gate` is `block_sparse_moe.gate`.
+    """
+
+    def __init__(self, config: MiniMaxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = E = config.num_experts
+        self.top_k = config.moe_top_k
+        if self.top_k > E:
+            raise ValueError(f"moe_top_k ({self.top_k}) must be <= num_experts ({E})")
+        self.capacity_factor = config.moe_capacity_factor
+        self.jitter_noise = config.moe_jitter_noise
+        self.diversity_grad = config.moe_diversity_loss_coef > 0  # compute the diversity loss in forward
+        self.orthogonal_init = config.moe_orthogonal_init
+        self.layer_scale_init = config.moe_layer_scale_init
+        C, I = config.n_embd, config.intermediate_size
+        self.gate = nn.Linear(C, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, I, C))
+        self.w3 = nn.Parameter(torch.empty(E, I, C))
+        self.w2 = nn.Parameter(torch.empty(E, C, I))
+        self.layer_scale = nn.Parameter(torch.empty(C)) if config.moe_layer_scale else None
+        # Expert kernel: "bmm", "grouped_mm" (CPU fp32/bf16, verified by the tests) or "auto" (= bmm, see _impl).
+        self.dispatch = "auto"
+        self.init_weights(config.init_std, config.init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Initialise this layer (the model's central init calls this with its own std / out_std).
+
+        | parameter     | init                                                                           |
+        |---------------|--------------------------------------------------------------------------------|
+        | gate.weight   | normal(0, std)                                                                 |
+        | w1, w3 [e]    | orthogonal, scaled so the element RMS is std (moe_orthogonal_init); else normal(0, std) |
+        | w2 [e]        | orthogonal, element RMS out_std (moe_orthogonal_init); else normal(0, out_std)  |
+        | layer_scale   | moe_layer_scale_init (when moe_layer_scale)                                    |
+
+        An orthogonal (r, c) matrix has element RMS 1 / sqrt(max(r, c)); scaling by std * sqrt(max(r, c)) keeps the
+        activation scale of the normal init, so the flag changes only the structure, not the magnitudes.
+        """
+        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+        for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            if self.orthogonal_init:
+                for e in range(w.shape[0]):
+                    nn.init.orthogonal_(w[e], gain=s * math.sqrt(max(w.shape[1:])))
+            else:
+                nn.init.normal_(w, mean=0.0, std=s)
+        if self.layer_scale is not None:
+            self.layer_scale.fill_(self.layer_scale_init)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> logits (N, E) fp32, probs (N, E) fp32, top-k weights (N, k) fp32 renormalised, indices (N, k).
+
+        Jitter (training only) multiplies the router's input by U(1 - eps, 1 + eps); x itself is not modified and the
+        experts see the clean x."""
+        xr = x
+        if self.training and self.jitter_noise > 0:
+            xr = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(xr.float(), self.gate.weight.float())  # (N, E)
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        top_w = top_p / top_p.sum(dim=-1, keepdim=True)
+        return logits, probs, top_w, top_i
+
+    def capacity(self, n_tokens: torch.Tensor | int) -> torch.Tensor | int | None:
+        """ceil(cf * n_tokens * k / E) assignments per expert; None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        if isinstance(n_tokens, torch.Tensor):
+            return torch.ceil(n_tokens.double() * self.capacity_factor * self.top_k / self.num_experts).long()
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        B, T, C = _check_inputs(x, token_mask, self.w1.shape[-1])
+        E, k = self.num_experts, self.top_k
+        N, A = B * T, B * T * k
+        xf = x.reshape(N, C)
+        valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
+
+        logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
+
+        # --- sort the A assignments by expert, then by descending probability (drop order) ----------------------
+        a_expert = torch.where(valid[:, None], top_i, E).reshape(A)  # pads go to a sentinel expert E
+        a_prob = torch.gather(probs, 1, top_i).reshape(A)
+        order = torch.argsort(a_prob.detach(), descending=True, stable=True)
+        order = order[torch.argsort(a_expert[order], stable=True)]  # (A,) grouped by expert, best first
+        e_sorted = a_expert[order]
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, a_expert, torch.ones_like(a_expert))  # (E+1,) the last entry counts pad assignments
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(A, device=x.device) - starts[e_sorted]  # position within the expert's group
+        n_valid = valid.sum()
+        cap = self.capacity(n_valid)
+        keep = e_sorted < E
+        if cap is not None:
+            keep = keep & (rank < cap)
+
+        impl = self._impl(x)
+        if impl == "grouped_mm":
+            out_rows, rows = self._experts_grouped(xf, order, e_sorted, keep)
+        else:
+            out_rows, rows = self._experts_bmm(xf, order, e_sorted, rank, keep, counts, N)
+        # rows: (R,) index into the sorted assignments (A = dropped / empty); out_rows (R, C)
+        w_sorted = torch.cat([top_w.reshape(A)[order], top_w.new_zeros(1)])  # (A+1,)
+        tok_sorted = torch.cat([order // k, order.new_full((1,), N)])  # (A+1,) token of each assignment, N = none
+        w_rows = w_sorted[rows].to(out_rows.dtype)  # (R,) 0 for dropped / empty rows
+        y = out_rows.new_zeros(N + 1, C).index_add_(0, tok_sorted[rows], out_rows * w_rows[:, None])[:N]
+        if self.layer_scale is not None:
+            y = y * self.layer_scale.to(y.dtype)
+        y = y.view(B, T, C)
+
+        kept = torch.zeros(E + 1, dtype=torch.float32, device=x.device).scatter_add_(
+            0, e_sorted, keep.float())[:E]
+        stats = _make_stats(self, logits, probs, counts[:E].float(), kept, valid, n_valid)
+        return y, stats
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _impl(self, x: torch.Tensor) -> str:
+        if self.dispatch not in DISPATCH_IMPLS:
+            raise ValueError(f"dispatch is {self.dispatch!r}; allowed: {', '.join(DISPATCH_IMPLS)}")
+        if self.dispatch != "auto":
+            if self.dispatch == "grouped_mm" and not grouped_mm_supported(x.device, x.dtype, *self.w2.shape[1:]):
+                raise ValueError(f"dispatch='grouped_mm' is not supported here for {x.device.type} {x.dtype} with "
+                                 f"n_embd={self.w2.shape[1]}, intermediate_size={self.w2.shape[2]}")
+            return self.dispatch
+        # bmm is faster than CPU grouped_mm (a loop of mm, slower backward; benchmarks/bench_moe.py), and grouped_mm
+        # on CUDA has not been verified here, so "auto" is bmm everywhere for now.
+        return "bmm"
+
+    def _swiglu_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        dt = xs.dtype
+        w1, w3, w2 = (w.to(dt).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (A, I)
+        return torch._grouped_mm(h, w2, offs=offs)  # (A, C)
+
+    def _experts_grouped(self, xf, order, e_sorted, keep):
+        """All A sorted rows through grouped_mm. Kept rows lead each expert's group; dropped and pad rows go last,
+        get a zero input (so they add nothing to any gradient) and are appended to the last group, because
+        grouped_mm leaves rows past the final offset (and their input gradients) uninitialised."""
+        E, A = self.num_experts, order.numel()
+        N = xf.shape[0]
+        e_key = torch.where(keep, e_sorted, E)
+        regroup = torch.argsort(e_key, stable=True)  # (A,) kept rows by expert, then the rest
+        rows = torch.where(keep[regroup], regroup, A)  # (A,) sorted-assignment index, A = dropped
+        kept_counts = torch.zeros(E, dtype=torch.int32, device=xf.device).scatter_add_(
+            0, e_sorted.clamp(max=E - 1), keep.int())
+        offs = torch.cumsum(kept_counts, 0, dtype=torch.int32)
+        offs[-1] = A
+        tok = torch.cat([order // self.top_k, order.new_full((1,), N)])[rows]
+        xs = torch.cat([xf, xf.new_zeros(1, xf.shape[1])]).index_select(0, tok)  # (A, C)
+        return self._swiglu_grouped(xs, offs), rows
+
+    def _experts_bmm(self, xf, order, e_sorted, rank, keep, counts, N):
+        """Kept rows into an (E, cap, C) buffer, one bmm per weight. The buffer capacity is the cap for a batch
+        without padding (static) or, dropless, the largest expert load (one host sync)."""
+        E, A, C = self.num_experts, order.numel(), xf.shape[1]
+        if self.capacity_factor is not None:
+            cap_buf = min(self.capacity(N), N)
+        else:
+            cap_buf = int(counts[:E].max())  # host sync: the one allowed per layer
+        S = E * cap_buf
+        slot = torch.where(keep, e_sorted * cap_buf + rank, S)  # (A,) S = nowhere
+        rows = torch.full((S + 1,), A, dtype=torch.long, device=xf.device)
+        rows.scatter_(0, slot, torch.arange(A, device=xf.device))
+        rows = rows[:S]  # (S,) sorted-assignment index of each slot, A = empty
+        tok = torch.cat([order // self.top_k, order.new_full((1,), N)])[rows]
+        xb = torch.cat([xf, xf.new_zeros(1, C)]).index_select(0, tok).view(E, cap_buf, C)
+        dt = xb.dtype
+        h = F.silu(torch.bmm(xb, self.w1.to(dt).transpose(1, 2))) * torch.bmm(xb, self.w3.to(dt).transpose(1, 2))
+        out = torch.bmm(h, self.w2.to(dt).transpose(1, 2))  # (E, cap, C)
+        return out.reshape(S, C), rows
+
+
+def _check_inputs(x: torch.Tensor, token_mask: torch.Tensor | None, C: int) -> tuple[int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"MoE input must be (B, T, C), got shape {tuple(x.shape)}")
+    if x.shape[-1] != C:
+        raise ValueError(f"MoE input has {x.shape[-1]} channels, expected n_embd={C}")
+    if token_mask is not None:
+        if token_mask.shape != x.shape[:2]:
+            raise ValueError(f"token_mask must be (B, T) = {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
+        if token_mask.dtype != torch.bool:
+            raise ValueError(f"token_mask must be bool (True = real token), got {token_mask.dtype}")
+    return x.shape
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, C: int, I: int) -> bool:
+    """Where dispatch="grouped_mm" is allowed: CPU in float32 / bfloat16 (checked by tests/test_moe.py; float64 is
+    not supported by the kernel), with rows of C and I elements a multiple of 16 bytes (the kernel's stride rule).
+    CUDA grouped_mm (bf16, sm90+) has not been verified here."""
+    supported = hasattr(torch, "_grouped_mm") and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    size = torch.empty((), dtype=dtype).element_size()
+    return supported and (C * size) % 16 == 0 and (I * size) % 16 == 0
+
+
+def expert_diversity(module: MoEFeedForward) -> torch.Tensor:
+    """Mean squared off-diagonal cosine similarity between the experts' flattened weights [w1 | w3 | w2], in fp32.
+
+    0 when the experts are mutually orthogonal, 1 when all are identical (or sign-flipped). Built from per-matrix
+    Gram matrices, so no copy of the expert weights is made (for fp32 weights)."""
+    E = module.num_experts
+    if E < 2:
+        return module.w1.new_zeros((), dtype=torch.float32)
+    gram = sum(w.reshape(E, -1).float() @ w.reshape(E, -1).float().t() for w in (module.w1, module.w3, module.w2))
+    norm = torch.diagonal(gram).clamp(min=1e-12).sqrt()  # (E,)
+    cos = gram / (norm[:, None] * norm[None, :])  # (E, E)
+    off = ~torch.eye(E, dtype=torch.bool, device=cos.device)
+    return cos[off].pow(2).mean()
+
+
+def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterStats:
+    vf = valid.float()[:, None]
+    z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
+    total = counts.sum()
+    return RouterStats(
+        expert_counts=counts,
+        prob_sum=(probs * vf).sum(0),
+        z_sum=(z * vf[:, 0]).sum(),
+        num_tokens=n_valid.float(),
+        # The Gram matrix costs E^2 / (tokens * k) of the experts' forward: computed only when it is trained.
+        diversity=expert_diversity(module) if module.diversity_grad else probs.new_zeros(()),
+        load=(counts / total.clamp(min=1)).detach(),
+        dropped_fraction=((total - kept.sum()) / total.clamp(min=1)).detach(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def moe_aux_losses(stats: list[RouterStats], config: MiniMaxConfig) -> dict[str, torch.Tensor]:
+    """Unweighted auxiliary losses over the non-pad tokens of all layers: {"load_balance", "router_z", "diversity"}.
+
+    Load balancing accumulates selection counts and probability sums over layers and normalises once
+    (transformers' `load_balancing_loss_func`): E * sum_e (counts_e / tokens) * (prob_sum_e / tokens)."""
+    if not stats:
+        raise ValueError("moe_aux_losses needs the RouterStats of at least one MoE layer")
+    E = config.num_experts
+    counts = torch.stack([s.expert_counts for s in stats]).sum(0)  # (E,)
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)  # (E,)
+    tokens = torch.stack([s.num_tokens for s in stats]).sum().clamp(min=1)
+    return {
+        "load_balance": E * torch.sum((counts / tokens) * (prob_sum / tokens)),
+        "router_z": torch.stack([s.z_sum for s in stats]).sum() / tokens,
+        "diversity": torch.stack([s.diversity for s in stats]).mean(),
+    }
+
+
+def moe_total_aux_loss(losses: dict[str, torch.Tensor], config: MiniMaxConfig) -> torch.Tensor:
+    """moe_aux_loss_coef * load_balance + moe_z_loss_coef * router_z + moe_diversity_loss_coef * diversity."""
+    return (config.moe_aux_loss_coef * losses["load_balance"]
+            + config.moe_z_loss_coef * losses["router_z"]
+            + config.moe_diversity_loss_coef * losses["diversity"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def moe_forward_reference(
+    module: MoEFeedForward, x: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, RouterStats]:
+    """The same layer written plainly: route every token, then loop over experts, each taking its tokens in order of
+    descending router probability up to the capacity, running its SwiGLU and adding the weighted output back.
+    No jitter (call it in eval mode, or with moe_jitter_noise = 0). For tests."""
+    B, T, C = _check_inputs(x, token_mask, module.w1.shape[-1])
+    E, k = module.num_experts, module.top_k
+    xf = x.reshape(B * T, C)
+    valid = torch.ones(B * T, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(-1)
+    logits = xf.float() @ module.gate.weight.float().t()
+    probs = torch.softmax(logits, dim=-1)
+    top_p, top_i = torch.topk(probs, k, dim=-1)
+    top_w = top_p / top_p.sum(-1, keepdim=True)
+    n_valid = int(valid.sum())
+    cap = module.capacity(n_valid)
+    y = torch.zeros_like(xf)
+    counts = torch.zeros(E)
+    kept = torch.zeros(E)
+    for e in range(E):
+        tok, slot = torch.nonzero((top_i == e) & valid[:, None], as_tuple=True)  # token order
+        counts[e] = len(tok)
+        best_first = torch.argsort(probs[tok, e].detach(), descending=True, stable=True)
+        if cap is not None:
+            best_first = best_first[:cap]
+        tok, slot = tok[best_first], slot[best_first]
+        kept[e] = len(tok)
+        h = F.silu(xf[tok] @ module.w1[e].t()) * (xf[tok] @ module.w3[e].t())
+        out = h @ module.w2[e].t()
+        y = y.index_add(0, tok, out * top_w[tok, slot, None].to(out.dtype))
+    if module.layer_scale is not None:
+        y = y * module.layer_scale
+    stats = _make_stats(module, logits, probs, counts.to(x.device), kept.to(x.device), valid,
+                        torch.tensor(n_valid, device=x.device))
+    return y.view(B, T, C), stats
