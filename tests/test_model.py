@@ -75,15 +75,18 @@ def test_init_weights_table():
     assert torch.equal(model.blocks[0].norm1.weight, torch.ones(32))
 
 
-@pytest.mark.parametrize("name", ["dense_softmax", "hybrid", "xpos"])
+@pytest.mark.parametrize("name", ["dense_softmax", "hybrid", "xpos", "moe"])
 def test_gradient_checkpointing_gives_identical_gradients(name):
     ids = torch.randint(0, 61, (2, 20))
     grads = []
     for ckpt in (False, True):
         model = make(name, use_checkpoint=ckpt, dropout=0.1).train()
         torch.manual_seed(1)  # same dropout masks
-        _, loss = model(ids, targets=ids)
-        loss.backward()
+        out = model(ids, targets=ids)
+        out.loss.backward()
+        if ckpt:  # the auxiliary losses are counted once, not again by the recomputation
+            torch.testing.assert_close(out.loss, first_loss, rtol=0, atol=0)
+        first_loss = out.loss.detach()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
@@ -173,3 +176,36 @@ def test_bad_targets_and_mask():
         model(ids, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.full((2, 6), 2))
+
+
+def test_moe_model_loss_is_ce_plus_weighted_aux_and_reported():
+    model = make("moe").train()
+    cfg = model.config
+    ids = torch.randint(0, 61, (2, 16))
+    out = model(ids, targets=ids)
+    assert set(out.aux_losses) == {"load_balance", "router_z", "diversity"}
+    expected = (out.ce_loss + cfg.moe_aux_loss_coef * out.aux_losses["load_balance"]
+                + cfg.moe_z_loss_coef * out.aux_losses["router_z"]
+                + cfg.moe_diversity_loss_coef * out.aux_losses["diversity"])
+    torch.testing.assert_close(out.loss, expected)
+    assert len(out.moe_stats) == 2
+    for s in out.moe_stats:  # observability for the training loop
+        torch.testing.assert_close(s.load.sum(), torch.tensor(1.0))
+        assert 0 <= float(s.dropped_fraction) <= 1
+    out.loss.backward()
+    assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_model_trains():
+    torch.manual_seed(0)
+    model = make("moe").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 61, (4, 16))
+    first = None
+    for _ in range(30):
+        _, loss = model(ids, targets=ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first

@@ -63,7 +63,7 @@ class MiniMaxConfig:
     use_moe: bool = False
     num_experts: int = 4
     moe_top_k: int = 2
-    moe_capacity_factor: float | None = None  # None: dropless; else cap = ceil(cf * tokens * k / num_experts)
+    moe_capacity_factor: float | None = None  # None: dropless; else cap = ceil(cf * tokens * k / E), training only
     moe_aux_loss_coef: float = 0.01  # load balancing (Switch / Mixtral)
     moe_z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
     moe_diversity_loss_coef: float = 0.0  # penalty on similarity between experts' weights

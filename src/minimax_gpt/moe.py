@@ -10,7 +10,8 @@ to 1 and are the combine weights. With `moe_capacity_factor = cf`, each expert t
 `cap = ceil(cf * n_tokens * k / E)` assignments, n_tokens counting non-pad tokens only; an expert's overflow is dropped
 lowest router probability first (ties: later token first). A dropped assignment contributes nothing, the remaining
 weights are not renormalised, and a token whose every assignment is dropped gets y = 0 (the residual carries it).
-Padding tokens (token_mask False) are neither routed nor counted, and their y is 0.
+Padding tokens (token_mask False) are neither routed nor counted, and their y is 0. Capacity applies in training
+mode only; in eval mode routing is dropless, so a token's output never depends on the rest of the batch.
 
 Dispatch, with no loop over tokens and no host synchronisation per expert: the (token, expert) assignments are sorted
 by expert (then by descending probability, which orders the capacity drop), tokens are gathered once, the experts run
@@ -159,7 +160,9 @@ class MoEFeedForward(nn.Module):
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(A, device=x.device) - starts[e_sorted]  # position within the expert's group
         n_valid = valid.sum()
-        cap = self.capacity(n_valid)
+        # capacity limits training only: in eval every token reaches its experts, so a token's output does not
+        # depend on the rest of the batch and incremental decoding equals a full forward
+        cap = self.capacity(n_valid) if self.training else None
         keep = e_sorted < E
         if cap is not None:
             keep = keep & (rank < cap)
@@ -223,7 +226,7 @@ class MoEFeedForward(nn.Module):
         """Kept rows into an (E, cap, C) buffer, one bmm per weight. The buffer capacity is the cap for a batch
         without padding (static) or, dropless, the largest expert load (one host sync)."""
         E, A, C = self.num_experts, order.numel(), xf.shape[1]
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and self.training:  # the same condition as the cap in forward
             cap_buf = min(self.capacity(N), N)
         else:
             cap_buf = int(counts[:E].max())  # host sync: the one allowed per layer
@@ -335,7 +338,7 @@ def moe_forward_reference(
     top_p, top_i = torch.topk(probs, k, dim=-1)
     top_w = top_p / top_p.sum(-1, keepdim=True)
     n_valid = int(valid.sum())
-    cap = module.capacity(n_valid)
+    cap = module.capacity(n_valid) if module.training else None  # training only, as in forward
     y = torch.zeros_like(xf)
     counts = torch.zeros(E)
     kept = torch.zeros(E)
