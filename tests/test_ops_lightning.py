@@ -44,11 +44,11 @@ def assert_exact(actual, expected):
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("T", [1, 7, 64, 65, 130])
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 130, 300])
 def test_fast_paths_match_oracle_fp64(T, with_state):
     q, k, v, s0 = make_inputs(T, with_state=with_state)
     ref_out, ref_state, ref_grads = run_with_grads(lightning_attn_naive, q, k, v, s0)
-    candidates = [(lightning_attn_chunked, {"chunk_size": c}) for c in (16, 64)]
+    candidates = [(lightning_attn_chunked, {"chunk_size": c}) for c in (16, 64, 256)]
     candidates.append((lightning_attn_recurrent, {}))
     for fn, kw in candidates:
         out, state, grads = run_with_grads(fn, q, k, v, s0, **kw)
