@@ -104,10 +104,12 @@ class EnhancedMiniMaxGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: ModelCache | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, loss_chunk_size: int = 0) -> CausalLMOutput:
         """input_ids (B, T) int64; targets (B, T) with -100 = ignore (positions where attention_mask is 0 are
         ignored too); attention_mask (B, T), or (B, past + T) with a cache, 1 = real token (left padding);
-        cache from `new_cache`, updated in place; logits_to_keep > 0 computes logits for the last positions only."""
+        cache from `new_cache`, updated in place; logits_to_keep > 0 computes logits for the last positions only.
+        loss_chunk_size > 0 with targets: the loss is `loss.chunked_cross_entropy` over chunks of that many positions
+        and the (B, T, V) logits are never materialised: the returned logits are None."""
         input_ids, targets, attention_mask = self._check_inputs(input_ids, targets, attention_mask, cache)
         B, T = input_ids.shape
         ctx = build_context(input_ids, attention_mask, cache)
@@ -133,7 +135,8 @@ class EnhancedMiniMaxGPT(nn.Module):
         x = self.ln_f(x)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # (B, T, V)
+        chunked_loss = loss_chunk_size > 0 and targets is not None
+        logits = None if chunked_loss else self.lm_head(x)  # (B, T, V)
 
         aux_losses, aux_total = {}, None
         if self.config.use_moe:
@@ -147,8 +150,13 @@ class EnhancedMiniMaxGPT(nn.Module):
                 raise ValueError("logits_to_keep must be 0 when targets are given")
             if attention_mask is not None:
                 targets = targets.masked_fill(~attention_mask[:, -T:], IGNORE_INDEX)
-            ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                      ignore_index=IGNORE_INDEX)
+            if chunked_loss:
+                from minimax_gpt.loss import chunked_cross_entropy
+
+                ce_loss = chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk_size, IGNORE_INDEX)
+            else:
+                ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
             loss = ce_loss if aux_total is None else ce_loss + aux_total
         return CausalLMOutput(logits, loss, ce_loss=ce_loss, aux_losses=aux_losses,
                               moe_stats=[s for s in stats if s is not None], cache=cache)

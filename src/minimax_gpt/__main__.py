@@ -1,0 +1,140 @@
+"""`minimax-gpt` (or `python -m minimax_gpt`): prepare, train, eval, generate. Parsing only; the work is in the library.
+
+    minimax-gpt train                                         the embedded default: hybrid MoE on the stdlib sources
+    minimax-gpt train --config shakespeare_char_cpu --data input.txt --train.out_dir out/shakespeare
+    minimax-gpt train --config my.toml --model.n_layer 4 --phases.0.iters 100 --train.lr...
+    minimax-gpt train --resume [OUT_OR_CHECKPOINT]            continue a run (its saved config unless --config)
+    minimax-gpt generate --checkpoint out --prompt "def "
+    minimax-gpt eval --checkpoint out [--data PATH]
+    minimax-gpt prepare --data PATH --out DIR --tokenizer bpe --vocab-size 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minimax-gpt", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a config (default: the embedded default config)",
+                       description="Train. Any config field is overridable with dotted flags: --model.n_layer 4, "
+                                   "--train.precision bf16, --phases.0.iters 100, --phases.*.lr 3e-4.")
+    p.add_argument("--config", help="a TOML file or packaged config name (default, shakespeare_char_cpu, ...)")
+    p.add_argument("--data", help="text file, folder, .jsonl or .parquet (sets train.data)")
+    p.add_argument("--prepared", help="a directory written by `minimax-gpt prepare` (sets train.prepared)")
+    p.add_argument("--out", help="output directory (sets train.out_dir)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue from the latest checkpoint of the output directory, or of DIR")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
+    p.add_argument("--data", help="text file, folder, .jsonl or .parquet (default: the run's validation split)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    p = sub.add_parser("generate", help="stream text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("prepare", help="tokenize data once into memory-mapped token files")
+    p.add_argument("--data", help="text file, folder, .jsonl or .parquet (default: the stdlib corpus)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="bytes", help="bytes, char, bpe, tiktoken or hf")
+    p.add_argument("--vocab-size", type=int, help="size of the BPE to train (--tokenizer bpe)")
+    p.add_argument("--tokenizer-path", help="tiktoken encoding name or .tiktoken file, or hf tokenizer directory")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _COMMANDS[args.command](args, rest)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"minimax-gpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args, overrides: list[str]) -> int:
+    from minimax_gpt.checkpoint import load_saved_run_config, resolve_checkpoint
+    from minimax_gpt.run_config import load_run_config
+    from minimax_gpt.train import train
+
+    for flag, key in (("data", "train.data"), ("prepared", "train.prepared"), ("out", "train.out_dir")):
+        if getattr(args, flag) is not None:
+            overrides = [f"--{key}", json.dumps(getattr(args, flag))] + overrides
+    base = None
+    if args.resume and args.config is None:
+        where = args.resume if args.resume is not True else _out_dir_for_resume(overrides)
+        base = load_saved_run_config(resolve_checkpoint(where))
+    run = load_run_config(args.config, overrides, base=base)
+    if args.print_config:
+        print(json.dumps(run.to_dict(), indent=2))
+        return 0
+    summary = train(run, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _out_dir_for_resume(overrides: list[str]) -> str:
+    from minimax_gpt.run_config import load_run_config
+
+    return load_run_config(None, overrides).train.out_dir
+
+
+def _eval(args, _) -> int:
+    from minimax_gpt.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.seq_len, args.max_batches,
+                                 args.device, args.precision)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens of "
+          f"{result['data']})")
+    return 0
+
+
+def _generate(args, _) -> int:
+    from minimax_gpt.checkpoint import load_model
+    from minimax_gpt.textgen import stream_text
+    from minimax_gpt.train import resolve_device
+
+    model, tokenizer = load_model(args.checkpoint, device=resolve_device(args.device))
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer/ directory; cannot turn a prompt into tokens")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _prepare(args, _) -> int:
+    from minimax_gpt.data import prepare
+
+    meta = prepare(args.data, args.out, tokenizer_kind=args.tokenizer, vocab_size=args.vocab_size,
+                   tokenizer_path=args.tokenizer_path, val_fraction=args.val_fraction)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "prepare": _prepare}
+
+if __name__ == "__main__":
+    sys.exit(main())

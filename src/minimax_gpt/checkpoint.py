@@ -1,0 +1,129 @@
+"""Training checkpoints: a model directory (`minimax_gpt.pretrained` format) plus what training needs to resume.
+
+    out/checkpoints/step-000500/
+        config.json           the MiniMaxConfig
+        model.safetensors     the weights (tied lm_head stored once)
+        tokenizer/            the tokenizer (Tokenizer.save)
+        run_config.json       the run's full config (model, train, phases), to resume or evaluate with it
+        trainer_state.pt      optimizer, grad scaler, schedule position, RNG states (torch, CUDA, python, and the
+                              data sampler's torch.Generator), step / phase counters; plain tensors and Python
+                              containers only, read with torch.load(weights_only=True)
+    out/checkpoints/latest    one line: the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary sibling `.step-000500.tmp-XXXX` and renamed into place when complete; the
+`latest` pointer is replaced (write to a temporary file, os.replace) only after that rename. A write interrupted at any
+point therefore leaves the previous checkpoint, and the pointer to it, intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, from_pretrained, save_pretrained
+
+TRAINER_STATE_NAME = "trainer_state.pt"
+RUN_CONFIG_NAME = "run_config.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_NAME = "latest"
+
+
+def save_checkpoint(path: str | os.PathLike, model, tokenizer=None, trainer_state: dict[str, Any] | None = None,
+                    run_config: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically (replacing `path` if it exists); returns `path`."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+        if run_config is not None:
+            (tmp / RUN_CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
+    return path
+
+
+def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict[str, Any],
+                             run_config: dict[str, Any]) -> Path:
+    """`out_dir/checkpoints/step-{step:06d}`, then point `out_dir/checkpoints/latest` at it."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    name = f"step-{step:06d}"
+    path = save_checkpoint(root / name, model, tokenizer, trainer_state, run_config)
+    _write_text_atomic(root / LATEST_NAME, name + "\n")
+    return path
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `out_dir/checkpoints/latest` names, or None when there is none."""
+    pointer = Path(out_dir) / CHECKPOINTS_DIR / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not _is_checkpoint(path):
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a checkpoint directory, a training output directory (its latest checkpoint) or
+    a `checkpoints/` directory."""
+    path = Path(path)
+    if _is_checkpoint(path):
+        return path
+    for out_dir in (path, path.parent if path.name == CHECKPOINTS_DIR else None):
+        if out_dir is not None and (found := latest_checkpoint(out_dir)) is not None:
+            return found
+    raise FileNotFoundError(f"{path} is neither a checkpoint (with {CONFIG_NAME} and {WEIGHTS_NAME}) nor a training "
+                            f"output directory with {CHECKPOINTS_DIR}/{LATEST_NAME}")
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None):
+    """(model in eval mode, tokenizer or None) from a checkpoint or training output directory."""
+    from minimax_gpt.tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(path)
+    model = from_pretrained(path, device=device)
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
+    return model, tokenizer
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Copy a checkpoint's weights into an existing model (same config), keeping its device and dtype."""
+    loaded = from_pretrained(resolve_checkpoint(path))
+    if loaded.config.to_dict() != model.config.to_dict():
+        raise ValueError(f"{path}: the checkpoint's model config differs from the model being trained")
+    model.load_state_dict(loaded.state_dict())
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    path = resolve_checkpoint(path) / TRAINER_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: this checkpoint has no training state to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_saved_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run config dict saved with a checkpoint, or None."""
+    path = resolve_checkpoint(path) / RUN_CONFIG_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

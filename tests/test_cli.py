@@ -1,0 +1,137 @@
+"""The `minimax-gpt` console script, in-process: train writes every output; generate and eval print; unknown keys
+are errors naming the key; the packaged configs parse and the repository's configs/ are identical copies."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minimax_gpt.__main__ import main
+from minimax_gpt.run_config import load_run_config, packaged_configs
+from train_helpers import write_config, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "out"
+    config = write_config(tmp, tmp / "unused")
+    code = main(["train", "--config", str(config), "--out", str(out), "--train.tensorboard", "true"])
+    assert code == 0
+    return tmp, out
+
+
+def test_train_writes_every_output(trained, capsys):
+    tmp, out = trained
+    for name in ("metrics.jsonl", "summary.json", "loss.png", "sample.txt", "checkpoints/latest"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_loss", "train_loss", "iters", "tokens_seen", "tokens_per_second", "wall_seconds", "params",
+                "active_params"):
+        assert summary[key] is not None, key
+    assert summary["iters"] == 6 and 0 < summary["active_params"] < summary["params"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "sample.txt").read_text().startswith("the ")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert len(train_records) == 6
+    assert len(train_records[0]["moe_expert_load"]) == 2  # one load vector per MoE layer
+    assert train_records[0]["moe_dropped_fraction"] == 0.0
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert not (out / "tensorboard").exists()
+    else:
+        assert any((out / "tensorboard").iterdir())
+
+
+def test_generate_prints_text(trained, capsys):
+    _, out = trained
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "the ", "--max-new-tokens", "20",
+                 "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the ") and len(text) > len("the ") + 5
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "the ", "--max-new-tokens", "20",
+                 "--seed", "1", "--top-k", "5", "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out == text  # seeded: reproducible
+
+
+def test_eval_prints_loss_and_perplexity(trained, capsys):
+    tmp, out = trained
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out)]) == 0  # the run's validation split
+    line = capsys.readouterr().out
+    assert "loss" in line and "perplexity" in line
+    loss = float(line.split()[1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert loss == pytest.approx(summary["val_loss"], rel=0.05)  # all val windows vs the run's 2 batches
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "step-000003"),
+                 "--data", str(write_corpus(tmp)), "--max-batches", "3"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_resume_from_cli(tmp_path):
+    config = write_config(tmp_path, tmp_path / "out")
+    assert main(["train", "--config", str(config), "--train.stop_after", "2"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "out")]) == 0  # the saved run config, without --config
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["iters"] == 6 and summary["completed"]
+
+
+def test_unknown_key_in_file_is_named(tmp_path, capsys):
+    config = write_config(tmp_path, tmp_path / "out")
+    config.write_text(config.read_text().replace("n_layer = 2", "n_layers = 2"))
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_layers" in err and str(config) in err
+    with pytest.raises(ValueError, match="train.lrate"):
+        load_run_config(write_config(tmp_path, tmp_path / "o"), ["--train.lrate", "1"])
+
+
+@pytest.mark.parametrize("flag", ["--model.n_layerz", "--phases.0.itres", "--optim.lr", "--train.seedd=3"])
+def test_unknown_key_on_command_line_is_named(tmp_path, capsys, flag):
+    config = write_config(tmp_path, tmp_path / "out")
+    args = ["train", "--config", str(config), flag] + ([] if "=" in flag else ["4"])
+    assert main(args) == 2
+    assert flag[2:].split("=")[0] in capsys.readouterr().err
+
+
+def test_overrides_are_typed(tmp_path):
+    run = load_run_config(write_config(tmp_path, tmp_path / "out"),
+                          ["--model.n_layer", "3", "--train.precision=bf16", "--phases.*.lr", "1e-2",
+                           "--train.stop_after", "none", "--model.layer_types", '["softmax","lightning","softmax"]'])
+    assert run.model["n_layer"] == 3 and run.train.precision == "bf16"
+    assert [p.lr for p in run.phases] == [1e-2, 1e-2] and run.train.stop_after is None
+    with pytest.raises(TypeError, match="train.seed"):
+        load_run_config(write_config(tmp_path, tmp_path / "out"), ["--train.seed", "abc"])
+
+
+def test_packaged_configs_parse_and_match_repository_copies():
+    names = packaged_configs()
+    assert {"default", "shakespeare_char_cpu", "shakespeare_char_cpu_hybrid", "minimax_200k"} <= set(names)
+    for name in names:
+        load_run_config(name)
+        packaged = REPO / "src" / "minimax_gpt" / "configs" / f"{name}.toml"
+        copy = REPO / "configs" / f"{name}.toml"
+        assert copy.read_text() == packaged.read_text(), f"configs/{name}.toml differs from the packaged copy"
+    default = load_run_config(None)
+    assert default.model["use_moe"] and default.model["hybrid_period"] == 2 and default.train.data is None
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "minimax_gpt", "train", "--print-config", "--model.n_layer", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["n_layer"] == 2
+
+
+def test_prepare_command(tmp_path, capsys):
+    corpus = write_corpus(tmp_path)
+    assert main(["prepare", "--data", str(corpus), "--out", str(tmp_path / "prep"), "--tokenizer", "char"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["tokenizer"] == "char" and (tmp_path / "prep" / "train.bin").is_file()

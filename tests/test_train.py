@@ -1,0 +1,122 @@
+"""Training loop: resume equals an uninterrupted run step for step; phases switch shape and schedule at the
+boundary; frozen parameters stay put; optimizer groups; active parameters; non-finite steps are skipped."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
+from minimax_gpt.checkpoint import load_model
+from minimax_gpt.run_config import PhaseConfig, TrainConfig, load_run_config
+from minimax_gpt.train import count_params, make_optimizer, train
+from train_helpers import write_config
+
+
+def _records(out_dir, kind="train"):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Stop after step 4 (mid phase 2), resume: the loss, lr and grad norm of every step equal those of a run that
+    was never interrupted, exactly (CPU fp32). Dropout and MoE routing exercise the restored RNG states."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    overrides = ["--model.dropout", "0.1", "--model.moe_jitter_noise", "0.05"]
+    train(load_run_config(write_config(tmp_path, straight), overrides))
+    cfg = write_config(tmp_path, interrupted, name="b.toml")
+    first = train(load_run_config(cfg, overrides + ["--train.stop_after", "4"]))
+    assert first["iters"] == 4 and not first["completed"]
+    second = train(load_run_config(cfg, overrides), resume=True)
+    assert second["iters"] == 6 and second["completed"]
+    a, b = _records(straight), _records(interrupted)
+    assert [r["step"] for r in b] == list(range(1, 7))  # records after the checkpoint were not duplicated
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "ce_loss", "lr", "grad_norm", "seq_len", "tokens_seen"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    model_a, _ = load_model(straight)
+    model_b, _ = load_model(interrupted)
+    for (n, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+
+
+def test_phases_switch_shape_and_schedule(tmp_path):
+    out = tmp_path / "out"
+    run = load_run_config(write_config(tmp_path, out))
+    summary = train(run)
+    recs = _records(out)
+    assert [r["seq_len"] for r in recs] == [8, 8, 8, 16, 16, 16]
+    assert [r["batch_size"] for r in recs] == [4, 4, 4, 2, 2, 2]
+    assert [r["phase"] for r in recs] == [1, 1, 1, 2, 2, 2]
+    expected = [run.phases[0].lr_at(i) for i in range(3)] + [run.phases[1].lr_at(i) for i in range(3)]
+    assert [r["lr"] for r in recs] == pytest.approx(expected, rel=0, abs=0)
+    assert recs[3]["lr"] == pytest.approx(1e-3 / 2)  # phase 2 restarts its warm-up
+    assert recs[-1]["tokens_seen"] == summary["tokens_seen"] == 3 * 4 * 8 + 3 * 2 * 16
+    # a checkpoint at the phase boundary (step 3) and at the end (step 6)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003", "step-000006"]
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [3, 6] and all(math.isfinite(r["val_loss"]) for r in evals)
+
+
+def test_freeze_keeps_parameters(tmp_path):
+    out = tmp_path / "out"
+    run = load_run_config(write_config(tmp_path, out), ["--phases.1.freeze", '["wte", "blocks.0"]'])
+    train(run)
+    before, _ = load_model(out / "checkpoints" / "step-000003")
+    after, _ = load_model(out / "checkpoints" / "step-000006")
+    sb, sa = before.state_dict(), after.state_dict()
+    assert torch.equal(sb["wte.weight"], sa["wte.weight"])
+    assert all(torch.equal(sb[n], sa[n]) for n in sb if n.startswith("blocks.0."))
+    assert not torch.equal(sb["blocks.1.norm1.weight"], sa["blocks.1.norm1.weight"])
+    with pytest.raises(ValueError, match="nope"):
+        train(load_run_config(write_config(tmp_path, tmp_path / "o2"), ["--phases.0.freeze", '["nope"]']))
+
+
+def test_lr_schedule_warmup_and_cosine():
+    p = PhaseConfig(iters=110, seq_len=8, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_iters=10)
+    assert p.lr_at(0) == pytest.approx(1e-3 / 11)
+    assert p.lr_at(9) == pytest.approx(1e-3 * 10 / 11)
+    assert p.lr_at(10) == pytest.approx(1e-3)
+    assert p.lr_at(60) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert p.lr_at(110) == pytest.approx(1e-4)
+
+
+def test_optimizer_groups_and_active_params():
+    config = MiniMaxConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, use_moe=True,
+                           num_experts=4, moe_top_k=1, intermediate_size=8, pos_embedding="learned")
+    model = EnhancedMiniMaxGPT(config)
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert id(model.wte.weight) in no_decay and id(model.wpe.weight) in no_decay
+    assert id(model.blocks[0].mlp.w1) in decay and id(model.blocks[0].attn.out_proj.weight) in decay
+    embeddings = {id(model.wte.weight), id(model.wpe.weight)}
+    assert all(p.dim() == 1 or id(p) in embeddings for p in model.parameters() if id(p) in no_decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    total, active = count_params(model)
+    assert total == sum(p.numel() for p in model.parameters())
+    experts = sum(b.mlp.w1.numel() + b.mlp.w2.numel() + b.mlp.w3.numel() for b in model.blocks)
+    assert active == total - experts * 3 // 4
+
+
+def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = EnhancedMiniMaxGPT.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out.loss.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(EnhancedMiniMaxGPT, "forward", forward)
+    out = tmp_path / "out"
+    summary = train(load_run_config(write_config(tmp_path, out)))
+    assert summary["skipped_steps"] == 1
+    assert math.isfinite(summary["val_loss"])
+    recs = _records(out)
+    assert math.isnan(recs[1]["loss"]) and recs[-1]["skipped_steps"] == 1

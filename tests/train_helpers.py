@@ -1,0 +1,60 @@
+"""A tiny run config and corpus shared by the training, checkpoint and CLI tests."""
+
+from pathlib import Path
+
+TINY_TOML = """
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 16
+hybrid_period = 2
+lightning_chunk_size = 8
+intermediate_size = 32
+use_moe = true
+num_experts = 4
+moe_top_k = 2
+dropout = {dropout}
+
+[train]
+out_dir = "{out_dir}"
+data = "{data}"
+tokenizer = "char"
+log_interval = 1
+eval_interval = 3
+eval_batches = 2
+sample_tokens = 12
+sample_prompt = "the "
+progress = false
+tensorboard = false
+
+[[phases]]
+iters = 3
+seq_len = 8
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup_iters = 1
+
+[[phases]]
+iters = 3
+seq_len = 16
+batch_size = 2
+lr = 1e-3
+min_lr = 1e-4
+warmup_iters = 1
+"""
+
+TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine.\n" * 60
+
+
+def write_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def write_config(tmp_path: Path, out_dir: Path, dropout: float = 0.0, name: str = "tiny.toml") -> Path:
+    data = write_corpus(tmp_path)
+    path = tmp_path / name
+    path.write_text(TINY_TOML.format(out_dir=out_dir.as_posix(), data=data.as_posix(), dropout=dropout))
+    return path
