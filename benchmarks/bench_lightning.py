@@ -1,15 +1,23 @@
-"""CPU timing of the lightning attention ops against causal softmax attention (SDPA).
+"""CPU timing of lightning_attn_chunked (fused and autograd backward) against causal SDPA, forward+backward.
 
-Times, at B=1, H=8, D=64, fp32, for each thread count and sequence length:
-  - lightning_attn_chunked (default chunk size), lightning_attn_naive (the O(T^2) float64 oracle,
-    skipped above --naive-max-t), and F.scaled_dot_product_attention(is_causal=True);
-  - forward (no grad) and forward+backward (random contiguous output gradient);
-then sweeps the chunk size at the longest lengths to pick the best CPU default.
-Medians over --repeats after --warmup runs. Writes benchmarks/results/lightning.json.
+At B=1, H=8, D=64, fp32, for each thread count and sequence length, times forward+backward of
+  - fused:    lightning_attn_chunked(..., backward="fused"), the hand-written chunked backward;
+  - autograd: lightning_attn_chunked(..., backward="autograd"), the block form under plain autograd;
+  - sdpa:     F.scaled_dot_product_attention(is_causal=True);
+plus the chunked forward alone (no grad) and a 1024^3 fp32 matmul, the throughput reference.
+q, k, v are what the layer passes: non-contiguous views of one (B, T, H, 3D) tensor (--contiguous for
+plain tensors). The machine is shared, so the candidates are interleaved round-robin, one repeat of
+each per round, and both the median and the minimum are reported, with the load average.
 
-    python benchmarks/bench_lightning.py [--seq-lens 512 2048 8192] [--threads 1 2]
+Matmul FLOPs are counted per algorithm (C chunk size, per chunk of C tokens, per head, D = Dv):
+  forward                   2C^2(D + Dv) + 4 C D Dv
+  fused backward            2C^2(3D + 2Dv) + 8 C D Dv   (recomputes q k^T)
+  autograd backward         2 x forward                 (every matmul has two gradient matmuls)
+and the achieved GFLOP/s is compared with the matmul's, measured in the same rounds.
 
-This is a measurement script, not a test: the machine's load (reported) moves the numbers.
+    python benchmarks/bench_lightning.py [--seq-lens 1024 16384] [--threads 1 2] [--repeats 5]
+
+Writes benchmarks/results/lightning.json. A measurement script, not a test.
 """
 
 from __future__ import annotations
@@ -25,140 +33,164 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimax_gpt.ops import lightning_attn_chunked, lightning_attn_naive, lightning_slopes
+from minimax_gpt.ops import lightning_attn_chunked, lightning_slopes
 
 B, H, D = 1, 8, 64
 
 
-def median_seconds(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def chunked_flops(T: int, chunk_size: int) -> float:
-    """Matmul FLOPs of the chunked forward: per token 2C(D+Dv) intra + 4 D Dv inter/state, times B*H."""
-    c = min(chunk_size, T)
-    return 2.0 * B * H * T * (2 * c * D + 4 * D * D)
-
-
-def make_cases(T: int, chunk_size: int):
-    """name -> (forward, forward+backward) closures on fresh fp32 inputs of shape (B, H, T, D)."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, generator=g) * 0.3 for _ in range(3))
-    grad_out = torch.randn(B, H, T, D, generator=g)
-    slopes = lightning_slopes(H, 0, 8)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-
-    def lightning(fn, **kw):
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v, slopes, **kw)
-
-        def fwd_bwd():
-            out, _ = fn(*leaves, slopes, **kw)
-            out.backward(grad_out)
-
-        return fwd, fwd_bwd
-
-    def sdpa():
-        def fwd():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        def fwd_bwd():
-            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(grad_out)
-
-        return fwd, fwd_bwd
-
+def chunk_flops(T: int, C: int) -> dict[str, float]:
+    """Matmul FLOPs of one forward and of each backward over the whole (B, H, T) input (D = Dv)."""
+    C = min(C, T)
+    per_chunk_fwd = 2 * C * C * (D + D) + 4 * C * D * D
+    per_chunk_fused_bwd = 2 * C * C * (3 * D + 2 * D) + 8 * C * D * D
+    n = B * H * T / C
     return {
-        "chunked": lightning(lightning_attn_chunked, chunk_size=chunk_size),
-        "naive": lightning(lightning_attn_naive),
-        "sdpa": sdpa(),
+        "fwd": n * per_chunk_fwd,
+        "fused": n * (per_chunk_fwd + per_chunk_fused_bwd),
+        "autograd": n * 3 * per_chunk_fwd,
     }
 
 
-def gemm_gflops(repeats: int, warmup: int) -> float:
-    """Reference throughput: one 1024^3 fp32 matmul at the current thread count."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / median_seconds(lambda: a @ b, repeats, warmup) / 1e9
+def make_cases(T: int, chunk_size: int, contiguous: bool) -> dict:
+    """name -> zero-argument callable on fixed fp32 inputs (B, H, T, D)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(B, T, H, 3 * D, generator=g) * 0.3).requires_grad_(True)  # (B, T, H, 3D), as in the layer
+    grad_out = torch.randn(B, H, T, D, generator=g)
+    slopes = lightning_slopes(H, 0, 8)
+    plain = [t.detach().contiguous().requires_grad_(True) for t in qkv.transpose(1, 2).split(D, dim=-1)]
+
+    def inputs():
+        if contiguous:
+            return plain
+        return qkv.transpose(1, 2).split(D, dim=-1)  # 3 x (B, H, T, D) views
+
+    def clear():
+        for t in [qkv, *plain]:
+            t.grad = None
+
+    def chunked(backward):
+        def run():
+            out, _ = lightning_attn_chunked(*inputs(), slopes, chunk_size=chunk_size, backward=backward)
+            out.backward(grad_out)
+            clear()
+
+        return run
+
+    def chunked_fwd():
+        with torch.no_grad():
+            lightning_attn_chunked(*inputs(), slopes, chunk_size=chunk_size)
+
+    def sdpa():
+        F.scaled_dot_product_attention(*inputs(), is_causal=True).backward(grad_out)
+        clear()
+
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    return {
+        "fused": chunked("fused"),
+        "autograd": chunked("autograd"),
+        "fwd": chunked_fwd,
+        "sdpa": sdpa,
+        "gemm": lambda: a @ b,
+    }
+
+
+def interleaved(cases: dict, repeats: dict[str, int], warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each case, measured round-robin so load changes hit all cases alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in cases}
+    for r in range(max(repeats.values())):
+        for name, fn in cases.items():
+            if r < repeats[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--sweep-chunks", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7, help="repeats of the chunked cases and the matmul")
+    p.add_argument("--sdpa-repeats", type=int, default=3, help="SDPA is O(T^2): 18 s a call at 16k")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--naive-max-t", type=int, default=2048, help="skip the O(T^2) float64 oracle above this T")
+    p.add_argument("--contiguous", action="store_true", help="contiguous q, k, v instead of the layer's views")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lightning.json")
     args = p.parse_args()
 
     results = {
-        "shape": {"B": B, "H": H, "D": D, "dtype": "float32"},
+        "shape": {"B": B, "H": H, "D": D, "dtype": "float32", "chunk_size": args.chunk_size},
+        "inputs": "contiguous" if args.contiguous else "views of one (B, T, H, 3D) tensor, as in the layer",
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
-        "repeats": args.repeats,
-        "timings": [],
-        "chunk_sweep": [],
+        "rows": [],
+        "summary": [],
     }
-    header = f"{'thr':>3} {'T':>6} {'pass':>8} {'chunked ms':>11} {'naive ms':>10} {'sdpa ms':>10} {'sdpa/chunked':>12} {'naive/chunked':>13} {'chunked GF/s':>12}"
+    repeats = {"fused": args.repeats, "autograd": args.repeats, "fwd": args.repeats, "gemm": args.repeats,
+               "sdpa": args.sdpa_repeats}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        peak = gemm_gflops(args.repeats, args.warmup)
-        print(f"\n== {threads} thread(s): 1024^3 fp32 matmul {peak:.1f} GFLOP/s ==")
-        print(header)
+        print(f"\n== {threads} thread(s), fwd+bwd ms as median (min); GF/s from the median ==")
+        print(f"{'T':>6} {'fused':>15} {'autograd':>15} {'sdpa':>17} {'fwd only':>13} {'sdpa/fused':>10} "
+              f"{'auto/fused':>10} {'fused GF/s':>10} {'gemm GF/s':>9} {'% gemm':>6} {'load':>5}")
+        rows = []
         for T in args.seq_lens:
-            cases = make_cases(T, args.chunk_size)
-            for pass_idx, pass_name in enumerate(("fwd", "fwd+bwd")):
-                row = {"threads": threads, "T": T, "pass": pass_name, "gemm_gflops": peak}
-                for name, fns in cases.items():
-                    if name == "naive" and T > args.naive_max_t:
-                        row[name] = None
-                        continue
-                    row[name] = median_seconds(fns[pass_idx], args.repeats, args.warmup)
-                flops = chunked_flops(T, args.chunk_size) * (1 if pass_name == "fwd" else 3)
-                row["chunked_gflops"] = flops / row["chunked"] / 1e9
-                results["timings"].append(row)
-                naive = f"{row['naive'] * 1e3:10.1f}" if row["naive"] else f"{'skipped':>10}"
-                naive_ratio = f"{row['naive'] / row['chunked']:13.1f}" if row["naive"] else f"{'-':>13}"
-                print(
-                    f"{threads:>3} {T:>6} {pass_name:>8} {row['chunked'] * 1e3:11.1f} {naive} "
-                    f"{row['sdpa'] * 1e3:10.1f} {row['sdpa'] / row['chunked']:12.1f} {naive_ratio} "
-                    f"{row['chunked_gflops']:12.1f}",
-                    flush=True,
-                )
+            times = interleaved(make_cases(T, args.chunk_size, args.contiguous), repeats, args.warmup)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            low = {k: min(v) for k, v in times.items()}
+            flops = chunk_flops(T, args.chunk_size)
+            gemm_gflops = 2 * 1024**3 / med["gemm"] / 1e9
+            row = {
+                "threads": threads, "T": T, "median_s": med, "min_s": low, "flops": flops,
+                "gemm_gflops": gemm_gflops,
+                "gflops": {k: flops[k] / med[k] / 1e9 for k in ("fused", "autograd", "fwd")},
+                "loadavg_1min": os.getloadavg()[0],
+            }
+            row["pct_of_gemm"] = {k: 100 * g / gemm_gflops for k, g in row["gflops"].items()}
+            rows.append(row)
+            results["rows"].append(row)
 
-        sweep_lens = [T for T in args.seq_lens if T >= 2048] or args.seq_lens[-1:]
-        print(f"\n-- chunk-size sweep, fwd+bwd ms, {threads} thread(s) --")
-        print(f"{'T':>6} " + " ".join(f"{f'C={c}':>8}" for c in args.sweep_chunks))
-        for T in sweep_lens:
-            times = []
-            for c in args.sweep_chunks:
-                fwd_bwd = make_cases(T, c)["chunked"][1]
-                times.append(median_seconds(fwd_bwd, args.repeats, args.warmup))
-                results["chunk_sweep"].append({"threads": threads, "T": T, "chunk_size": c, "fwd_bwd": times[-1]})
-            print(f"{T:>6} " + " ".join(f"{t * 1e3:8.1f}" for t in times), flush=True)
+            def cell(k, w):
+                return f"{med[k] * 1e3:.1f} ({low[k] * 1e3:.1f})".rjust(w)
 
-    # Best default: the chunk size with the lowest total fwd+bwd time over all swept cases.
-    totals = {c: sum(r["fwd_bwd"] for r in results["chunk_sweep"] if r["chunk_size"] == c) for c in args.sweep_chunks}
-    results["best_chunk_size"] = min(totals, key=totals.get)
-    results["loadavg_end"] = os.getloadavg()
-    print(f"\nbest CPU chunk size (lowest summed fwd+bwd): {results['best_chunk_size']}  totals: "
-          + ", ".join(f"C={c}: {t * 1e3:.0f} ms" for c, t in totals.items()))
-    print(f"load average start {results['loadavg_start']}, end {results['loadavg_end']}")
+            print(f"{T:>6} {cell('fused', 15)} {cell('autograd', 15)} {cell('sdpa', 17)} {cell('fwd', 13)} "
+                  f"{med['sdpa'] / med['fused']:10.1f} {med['autograd'] / med['fused']:10.2f} "
+                  f"{row['gflops']['fused']:10.1f} {gemm_gflops:9.1f} {row['pct_of_gemm']['fused']:6.0f} "
+                  f"{row['loadavg_1min']:5.1f}", flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+        by_t = {r["T"]: r for r in rows}
+        summary = {"threads": threads}
+        lo, hi = min(by_t), max(by_t)
+        for name in ("fused", "autograd"):
+            summary[f"{name}_growth_{hi}_over_{lo}"] = {
+                "median": by_t[hi]["median_s"][name] / by_t[lo]["median_s"][name],
+                "min": by_t[hi]["min_s"][name] / by_t[lo]["min_s"][name],
+            }
+        summary[f"sdpa_over_fused_at_{hi}"] = by_t[hi]["median_s"]["sdpa"] / by_t[hi]["median_s"]["fused"]
+        if 8192 in by_t:
+            summary["pct_of_gemm_at_8192"] = by_t[8192]["pct_of_gemm"]
+            summary["pct_of_gemm_at_8192_from_min"] = {
+                k: 100 * by_t[8192]["flops"][k] / by_t[8192]["min_s"][k] / (2 * 1024**3 / by_t[8192]["min_s"]["gemm"])
+                for k in ("fused", "autograd", "fwd")
+            }
+        results["summary"].append(summary)
+        g = summary[f"fused_growth_{hi}_over_{lo}"]
+        print(f"fused growth {hi}/{lo}: {g['median']:.1f}x median, {g['min']:.1f}x min; "
+              f"sdpa/fused at {hi}: {summary[f'sdpa_over_fused_at_{hi}']:.1f}x", end="")
+        if 8192 in by_t:
+            print(f"; fused at 8192: {summary['pct_of_gemm_at_8192']['fused']:.0f}% of matmul GF/s "
+                  f"({summary['pct_of_gemm_at_8192_from_min']['fused']:.0f}% from minima)", end="")
+        print(flush=True)
+        results["loadavg_end"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))  # after each thread count: a long run keeps its rows
+
+    print(f"\nload average start {results['loadavg_start']}, end {results['loadavg_end']} on {os.cpu_count()} CPUs")
     print(f"wrote {args.out}")
 
 

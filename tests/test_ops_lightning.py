@@ -33,8 +33,11 @@ def run_with_grads(fn, q, k, v, s0, **kw):
     init = leaves[3] if s0 is not None else None
     out, state = fn(*leaves[:3], SLOPES, init, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+
+    def weights(t):  # the same values in every dtype: bf16-representable random numbers
+        return torch.randn(t.shape, generator=g, dtype=F64).bfloat16().to(t.dtype)
+
+    loss = (out * weights(out)).sum() + (state * weights(state)).sum()
     grads = torch.autograd.grad(loss, leaves)
     return out.detach(), state.detach(), grads
 
@@ -48,7 +51,11 @@ def assert_exact(actual, expected):
 def test_fast_paths_match_oracle_fp64(T, with_state):
     q, k, v, s0 = make_inputs(T, with_state=with_state)
     ref_out, ref_state, ref_grads = run_with_grads(lightning_attn_naive, q, k, v, s0)
-    candidates = [(lightning_attn_chunked, {"chunk_size": c}) for c in (16, 64, 256)]
+    candidates = [
+        (lightning_attn_chunked, {"chunk_size": c, "backward": bw})
+        for c in (16, 64, 256)
+        for bw in ("fused", "autograd")
+    ]
     candidates.append((lightning_attn_recurrent, {}))
     for fn, kw in candidates:
         out, state, grads = run_with_grads(fn, q, k, v, s0, **kw)
@@ -59,6 +66,79 @@ def test_fast_paths_match_oracle_fp64(T, with_state):
         assert len(grads) == len(ref_grads)
         for grad, ref_grad in zip(grads, ref_grads):
             assert_exact(grad, ref_grad)
+
+
+def test_fused_backward_gradcheck():
+    """The hand-written backward against finite differences: two full chunks, a partial one, initial state."""
+    q, k, v, s0 = (t[:1, :2] for t in make_inputs(10))  # B=1, H=2: keep the Jacobian small
+    slopes = SLOPES[:2]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, s0)]
+
+    def fn(q, k, v, s0):
+        return lightning_attn_chunked(q, k, v, slopes, s0, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("use", ["out", "state"])
+def test_fused_backward_with_one_output_unused(use):
+    """Autograd hands the backward None for an unused output; the other's gradient must still be exact."""
+    q, k, v, s0 = make_inputs(40)
+    grads = {}
+    for bw in ("fused", "autograd"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, s0)]
+        out, state = lightning_attn_chunked(*leaves[:3], SLOPES, leaves[3], chunk_size=16, backward=bw)
+        (out if use == "out" else state).square().sum().backward()
+        # Autograd leaves .grad at None for an input the used output does not depend on (q for the state).
+        grads[bw] = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+    for fused, ref in zip(grads["fused"], grads["autograd"]):
+        assert_exact(fused, ref)
+
+
+def test_fused_many_segments_and_strided_views():
+    """A long input the fused path cuts into several cache-sized segments, passed as the layer passes it:
+    non-contiguous views of one (B, T, H, 3D) tensor. Output, state and gradients equal the oracle's."""
+    Bs, Hs, Ds, T = 1, 8, 64, 1100  # 512-token segments at chunk 16, and a partial last chunk
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(Bs, T, Hs, 3 * Ds, generator=g, dtype=F64) * 0.3
+    s0 = torch.randn(Bs, Hs, Ds, Ds, generator=g, dtype=F64)
+    slopes = lightning_slopes(Hs, 0, 4).double()
+    results = []
+    for fn, kw in ((lightning_attn_naive, {}), (lightning_attn_chunked, {"chunk_size": 16})):
+        qkv_leaf, s0_leaf = qkv.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        q, k, v = qkv_leaf.transpose(1, 2).split(Ds, dim=-1)  # 3 x (B, H, T, D), non-contiguous views
+        out, state = fn(q, k, v, slopes, s0_leaf, **kw)
+        g = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=F64)).sum() + (state * s0).sum()
+        loss.backward()
+        results.append((out.detach(), state.detach(), qkv_leaf.grad, s0_leaf.grad))
+    assert not q.is_contiguous()
+    for actual, expected in zip(*reversed(results)):
+        assert_exact(actual, expected)
+
+
+def test_fused_no_grad_path_equals_grad_path():
+    q, k, v, s0 = make_inputs(70)
+    with torch.no_grad():
+        out_ng, state_ng = lightning_attn_chunked(q, k, v, SLOPES, s0, chunk_size=16)
+    out, state = lightning_attn_chunked(q.requires_grad_(True), k, v, SLOPES, s0, chunk_size=16)
+    assert out.requires_grad and not out_ng.requires_grad
+    torch.testing.assert_close(out_ng, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(state_ng, state.detach(), rtol=0, atol=0)
+
+
+def test_slopes_gradient_only_through_autograd_backward():
+    q, k, v, s0 = make_inputs(20)
+    slopes = SLOPES.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="slopes"):
+        lightning_attn_chunked(q, k, v, slopes, s0, chunk_size=8)
+    with torch.no_grad():  # nothing is differentiated, so nothing to refuse
+        lightning_attn_chunked(q, k, v, slopes, s0, chunk_size=8)
+    grads = []
+    for fn, kw in ((lightning_attn_naive, {}), (lightning_attn_chunked, {"chunk_size": 8, "backward": "autograd"})):
+        out, state = fn(q, k, v, slopes, s0, **kw)
+        grads.append(torch.autograd.grad(out.sum() + state.sum(), slopes)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
 
 
 def test_oracle_matches_recurrence_written_out():
@@ -110,6 +190,21 @@ def test_fp32_matches_oracle():
         torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5 * ref_state.abs().max().item())
 
 
+@pytest.mark.parametrize("backward", ["fused", "autograd"])
+def test_bf16_gradients(backward):
+    """bf16 q, k, v with a float32 initial state: gradients in the leaves' dtypes, float32-accurate before the
+    final rounding of dq, dk, dv to bf16 (8 significant bits: relative error <= 2^-8)."""
+    q, k, v, s0 = make_inputs(130, dtype=torch.bfloat16)
+    s0 = s0.float()
+    _, _, ref_grads = run_with_grads(lightning_attn_naive, q.double(), k.double(), v.double(), s0.double())
+    out, state, grads = run_with_grads(lightning_attn_chunked, q, k, v, s0, chunk_size=16, backward=backward)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [torch.float32]
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
+    # The initial-state gradient never passes through bf16.
+    torch.testing.assert_close(grads[3].double(), ref_grads[3], rtol=1e-5, atol=1e-5 * ref_grads[3].abs().max().item())
+
+
 @pytest.mark.parametrize("T", [65, 130])
 def test_bf16_inputs_keep_float32_state(T):
     q, k, v, s0 = make_inputs(T, dtype=torch.bfloat16)
@@ -152,6 +247,8 @@ def test_input_validation():
     for chunk_size in (0, -1, 2.0):
         with pytest.raises(ValueError, match="chunk_size"):
             lightning_attn_chunked(q, k, v, SLOPES, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="backward"):
+        lightning_attn_chunked(q, k, v, SLOPES, backward="triton")
 
 
 # --- against transformers' MiniMaxLightningAttention ------------------------------------------------
