@@ -312,3 +312,20 @@ def test_trained_model_exports_with_the_same_logits(tmp_path):
     hf = transformers.MiniMaxForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) < ATOL
+
+
+def test_convert_cli_round_trip(tmp_path):
+    from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
+    from minimax_gpt.__main__ import main
+
+    torch.manual_seed(0)
+    config = MiniMaxConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, layer_types=["lightning", "softmax"],
+                           use_post_layernorm=True, use_moe=True, num_experts=2, moe_top_k=1, intermediate_size=48)
+    model = EnhancedMiniMaxGPT(config).eval()
+    model.save_pretrained(tmp_path / "ours")
+    assert main(["convert", "--to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = EnhancedMiniMaxGPT.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""`minimax-gpt` (or `python -m minimax_gpt`): prepare, train, eval, generate. Parsing only; the work is in the library.
+"""`minimax-gpt` (or `python -m minimax_gpt`): prepare, train, eval, generate, convert. Parsing only; the work is in the library.
 
     minimax-gpt train                                         the embedded default: hybrid MoE on the stdlib sources
     minimax-gpt train --config shakespeare_char_cpu --data input.txt --train.out_dir out/shakespeare
@@ -7,6 +7,7 @@
     minimax-gpt generate --checkpoint out --prompt "def "
     minimax-gpt eval --checkpoint out [--data PATH]
     minimax-gpt prepare --data PATH --out DIR --tokenizer bpe --vocab-size 4096
+    minimax-gpt convert --from-hf HF_DIR OUT | --to-hf OUR_DIR OUT     Hugging Face MiniMax checkpoints in and out
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, help="size of the BPE to train (--tokenizer bpe)")
     p.add_argument("--tokenizer-path", help="tiktoken encoding name or .tiktoken file, or hf tokenizer directory")
     p.add_argument("--val-fraction", type=float, default=0.1)
+
+    from minimax_gpt.hf import add_convert_parser
+
+    add_convert_parser(sub)
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
@@ -134,7 +139,14 @@ def _prepare(args, _) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "prepare": _prepare}
+def _convert(args, _) -> int:
+    from minimax_gpt.hf import run_convert
+
+    run_convert(args)
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "prepare": _prepare, "convert": _convert}
 
 if __name__ == "__main__":
     sys.exit(main())
