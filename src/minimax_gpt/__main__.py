@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -92,7 +93,8 @@ def _train(args, overrides: list[str]) -> int:
         print(json.dumps(run.to_dict(), indent=2))
         return 0
     summary = train(run, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(summary, indent=2))
     return 0
 
 

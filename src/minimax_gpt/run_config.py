@@ -35,6 +35,7 @@ from typing import Any
 from minimax_gpt.config import MiniMaxConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL_MODES = ("none", "ddp", "fsdp")  # minimax_gpt.distributed.PARALLEL_MODES
 DEFAULT_CONFIG = "default"
 
 
@@ -92,6 +93,7 @@ class TrainConfig:
     threads: int = 0  # torch.set_num_threads when > 0
     grad_accum_steps: int = 1  # micro-batches of the phase's batch_size per optimizer step
     loss_chunk_size: int = 0  # > 0: chunked cross-entropy over that many positions at a time (big vocabularies)
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun; see minimax_gpt.distributed); batch_size is global
     # --- optimizer -------------------------------------------------------------------------------------------
     weight_decay: float = 0.1  # on matrices only: not on norms, biases (1-D) nor embeddings
     beta1: float = 0.9
@@ -115,6 +117,8 @@ class TrainConfig:
         _check_types(self, "train")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision is {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"train.parallel is {self.parallel!r}; allowed: {', '.join(PARALLEL_MODES)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("grad_accum_steps", "log_interval", "eval_batches"):

@@ -45,6 +45,12 @@ from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, l
 from minimax_gpt.model import EnhancedMiniMaxGPT
 from minimax_gpt.run_config import PhaseConfig, RunConfig, TrainConfig, load_run_config
 
+from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
+from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
+from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
+from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, evaluate_sharded,
+                                     main_process_first, parallelize, seed_rank, shard_training_data)
+from minimax_gpt.distributed import setup as setup_distributed
 __all__ = ["PhaseConfig", "RunConfig", "TrainConfig", "count_params", "evaluate", "evaluate_checkpoint",
            "load_run_config", "make_optimizer", "train"]
 
@@ -272,7 +278,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     wall_start = time.perf_counter()
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
+    dctx = setup_distributed(tc.parallel, tc.device)  # a process group for parallel = "ddp" / "fsdp"
+    device = dctx.device
     precision = resolve_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -281,7 +288,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     from minimax_gpt.data import TokenDataset
     from minimax_gpt.tokenizer import load_tokenizer
 
-    data_dir = prepare_data(tc, out_dir)
+    with main_process_first(dctx):
+        data_dir = prepare_data(tc, out_dir)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_data = TokenDataset(data_dir, "train")
     val_data = TokenDataset(data_dir, "val") if tc.val_fraction > 0 else None
@@ -290,16 +298,29 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     random.seed(tc.seed)
     model_config = run.model_config(vocab_size=tokenizer.vocab_size)
     model = EnhancedMiniMaxGPT(model_config).to(device)
+    train_model = parallelize(model, dctx)  # FSDP shards `model` in place; DDP wraps it
+    seed_rank(tc.seed, dctx)
+    train_data = shard_training_data(train_data, run.phases, dctx)
     optimizer = make_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     data_gen = torch.Generator().manual_seed(tc.seed)
     progress = Progress()
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if is_distributed_checkpoint(ckpt):
+            load_distributed_state(ckpt, model, optimizer)
+        elif dctx.parallel == "fsdp":
+            load_plain_training_state(ckpt, model, optimizer, state)
+        else:
+            load_weights(model, ckpt)
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], data_gen)
+        per_rank = state.get("rng_per_rank", [state["rng"]])  # the data generator is the same on every rank
+        if dctx.rank < len(per_rank):
+            _set_rng_state(per_rank[dctx.rank], data_gen)
+        else:
+            seed_rank(tc.seed, dctx, step=state["progress"]["step"])
         progress = Progress(**state["progress"])
         logger.info("resumed from %s at step %d (phase %d, step %d of it)", ckpt, progress.step,
                     progress.phase + 1, progress.phase_step)
@@ -308,7 +329,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                 "/".join(sorted(set(model_config.layer_types))) + (" + MoE" if model_config.use_moe else ""),
                 precision, device)
 
-    metrics = MetricsLog(out_dir, progress.step if ckpt is not None else None, tc.tensorboard)
+    metrics = (MetricsLog(out_dir, progress.step if ckpt is not None else None, tc.tensorboard) if dctx.is_main
+               else NullMetricsLog())
     boundaries = [sum(p.iters for p in run.phases[:i + 1]) for i in range(len(run.phases) - 1)]
     run_dict = run.to_dict()
     run_dict["train"]["stop_after"] = None  # an interruption, not part of the recipe a resume continues
@@ -320,7 +342,14 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "rng": _rng_state(data_gen), "progress": dataclasses.asdict(progress),
                          "scheduler": {"phase": progress.phase, "phase_step": progress.phase_step}}
-        path = save_training_checkpoint(out_dir, progress.step, model, tokenizer, trainer_state, run_dict)
+        if dctx.enabled:  # sharded model and optimizer through torch.distributed.checkpoint, every rank
+            trainer_state["optimizer"] = "in distcp/ (torch.distributed.checkpoint)"
+            trainer_state.update(rng_per_rank=all_gather_objects(trainer_state["rng"], dctx),
+                                 world_size=dctx.world_size, parallel=dctx.parallel)
+            path = save_distributed_checkpoint(out_dir, progress.step, model, optimizer, tokenizer, trainer_state,
+                                               run_dict, dctx)
+        else:
+            path = save_training_checkpoint(out_dir, progress.step, model, tokenizer, trainer_state, run_dict)
         logger.info("saved checkpoint %s", path)
         return path
 
@@ -328,7 +357,10 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         if val_data is None:
             return
         batches = val_data.iter_eval_batches(phase.batch_size, phase.seq_len, tc.eval_batches)
-        loss, n = evaluate(model, batches, device, precision, tc.loss_chunk_size)
+        if dctx.world_size > 1:
+            loss, n = evaluate_sharded(model, batches, dctx, precision, tc.loss_chunk_size)
+        else:
+            loss, n = evaluate(model, batches, device, precision, tc.loss_chunk_size)
         last_eval.update(step=progress.step, val_loss=loss, val_tokens=n)
         metrics.write({"kind": "eval", "step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                        "val_tokens": n})
@@ -337,8 +369,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=run.total_iters, initial=progress.step, file=sys.stderr, disable=not tc.progress,
-               dynamic_ncols=True, unit="step")
+    bar = tqdm(total=run.total_iters, initial=progress.step, file=sys.stderr,
+               disable=not tc.progress or not dctx.is_main, dynamic_ncols=True, unit="step")
     model.train()
     stopped = False
     interval_tokens, interval_time = 0, 0.0
@@ -356,7 +388,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()
-                loss, out, grad_norm = _train_step(model, optimizer, scaler, train_data, data_gen, phase, tc,
+                loss, out, grad_norm = _train_step(train_model, optimizer, scaler, train_data, data_gen, phase, tc,
                                                    device, precision)
                 dt = time.perf_counter() - t0
                 tokens = phase.batch_size * phase.seq_len * tc.grad_accum_steps
@@ -410,8 +442,9 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     if val_data is not None and last_eval.get("step") != progress.step:
         run_eval(last_phase)
     metrics.close()
-    plotted = plot_losses(metrics.records, boundaries, out_dir / "loss.png")
-    sample = _write_sample(model, tokenizer, tc, out_dir / "sample.txt")
+    plotted = plot_losses(metrics.records, boundaries, out_dir / "loss.png") if dctx.is_main else False
+    sample = _write_sample(  # every rank: FSDP's forward needs all of them
+        model, tokenizer, tc, out_dir / "sample.txt" if dctx.is_main else Path(os.devnull))
     summary = {
         "val_loss": last_eval.get("val_loss"),
         "val_ppl": math.exp(min(last_eval["val_loss"], 50)) if last_eval else None,
@@ -429,7 +462,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         "threads": torch.get_num_threads(),
         "loss_png": plotted,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dctx.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("done: %d steps, val loss %s, %s tokens/s; sample: %r", progress.step,
                 f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a",
                 f"{summary['tokens_per_second']:,.0f}" if summary["tokens_per_second"] else "n/a", sample[:60])
@@ -450,7 +484,7 @@ def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc
         loss = out.loss / tc.grad_accum_steps
         scaler.scale(loss).backward()
         total += loss.detach().float()
-    loss_value = float(total)
+    loss_value = float(all_reduce_mean(total))  # the global batch's loss: the mean over data-parallel ranks
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         return loss_value, out, float("nan")

@@ -1,0 +1,146 @@
+"""Data-parallel training on CPU (gloo), 2 processes started with torch.multiprocessing: DDP and FSDP2 follow the
+single-process loss curve on the same global batch; distributed checkpoints resume on 1 and on 2 ranks.
+
+The tiny config (tests/train_helpers.py) is a hybrid lightning/softmax MoE (dropless) of 6 steps in two phases,
+with a checkpoint at the phase boundary (step 3). Because the global batch does not depend on the number of ranks
+(minimax_gpt.distributed), every run here must reproduce the single-process reference's metrics.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minimax_gpt.run_config import load_run_config
+from minimax_gpt.train import train
+from train_helpers import write_config
+
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(out_dir: Path) -> dict[tuple[str, int], float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["kind"], r["step"]): r["loss"] if r["kind"] == "train" else r["val_loss"] for r in records}
+
+
+def _assert_same(got: dict, want: dict, steps=None) -> None:
+    keys = [k for k in want if steps is None or k[1] in steps]
+    assert keys and all(k in got for k in keys), (sorted(got), sorted(keys))
+    diffs = {k: abs(got[k] - want[k]) for k in keys}
+    assert max(diffs.values()) < TOL, diffs
+
+
+def _run(config: Path, out_dir: Path, *overrides: str, resume=False):
+    run = load_run_config(config, ["--train.out_dir", str(out_dir), "--train.threads", "1", *overrides])
+    return train(run, resume=resume)
+
+
+def _worker(rank: int, world: int, port: int, jobs: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    for config, out_dir, overrides, resume in jobs:
+        _run(Path(config), Path(out_dir), *overrides, resume=resume)
+
+
+def _spawn(jobs: list) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=True, start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process references (with and without gradient accumulation, MoE and dense), then one 2-process group
+    running every distributed job of this module in turn."""
+    tmp = tmp_path_factory.mktemp("dist")
+    config = write_config(tmp, tmp / "unused")
+    dense = ["--model.use_moe", "false"]
+    accum = ["--train.grad_accum_steps", "2"]
+    out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ddp", "fsdp", "fsdp_dense", "ddp_accum",
+                                          "fsdp_resume", "fsdp_from_plain", "one_from_fsdp")}
+    _run(config, out["ref"])
+    _run(config, out["ref_dense"], *dense)
+    _run(config, out["ref_accum"], *accum)
+    step3 = "checkpoints/step-000003"
+    _spawn([
+        (config, out["ddp"], ["--train.parallel", "ddp"], False),
+        (config, out["fsdp"], ["--train.parallel", "fsdp"], False),
+        (config, out["fsdp_dense"], ["--train.parallel", "fsdp", *dense], False),
+        (config, out["ddp_accum"], ["--train.parallel", "ddp", *accum], False),
+        # a 2-rank distributed checkpoint resumed on 2 ranks, and a plain 1-process checkpoint resumed on 2 ranks
+        (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
+        (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(out["ref"] / step3)),
+    ])
+    # the 2-rank distributed checkpoint resumed by one process without a process group
+    _run(config, out["one_from_fsdp"], resume=out["fsdp"] / step3)
+    return out
+
+
+def test_ddp_and_fsdp_follow_the_single_process_loss_curve(runs):
+    ref = _losses(runs["ref"])
+    assert len([k for k in ref if k[0] == "train"]) == 6
+    for name in ("ddp", "fsdp"):
+        _assert_same(_losses(runs[name]), ref)  # train losses of all 6 steps and both validations
+    _assert_same(_losses(runs["fsdp_dense"]), _losses(runs["ref_dense"]))
+    _assert_same(_losses(runs["ddp_accum"]), _losses(runs["ref_accum"]))
+
+
+def test_only_rank_zero_writes_and_tokens_are_global(runs):
+    ref = json.loads((runs["ref"] / "summary.json").read_text())
+    got = json.loads((runs["fsdp"] / "summary.json").read_text())
+    assert got["tokens_seen"] == ref["tokens_seen"] == 3 * 4 * 8 + 3 * 2 * 16
+    lines = (runs["fsdp"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((runs["ref"] / "metrics.jsonl").read_text().splitlines())  # not one set per rank
+    assert (runs["fsdp"] / "sample.txt").read_text() == (runs["ref"] / "sample.txt").read_text()
+
+
+def test_aux_losses_are_global_not_summed_over_ranks(runs):
+    def aux(out_dir):
+        return [r["aux_load_balance"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    want = aux(runs["ref"])
+    for name in ("ddp", "fsdp"):
+        assert max(abs(a - b) for a, b in zip(aux(runs[name]), want)) < TOL
+
+
+def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(runs):
+    ref = _losses(runs["ref"])
+    after = range(4, 7)
+    _assert_same(_losses(runs["fsdp_resume"]), ref, after)
+    _assert_same(_losses(runs["one_from_fsdp"]), ref, after)
+    _assert_same(_losses(runs["fsdp_from_plain"]), ref, after)
+
+
+def test_distributed_checkpoint_converts_to_the_plain_format(runs, tmp_path):
+    from minimax_gpt.dist_checkpoint import dcp_to_safetensors, is_distributed_checkpoint
+    from minimax_gpt.pretrained import from_pretrained
+
+    ckpt = runs["fsdp"] / "checkpoints" / "step-000006"
+    assert is_distributed_checkpoint(ckpt)
+    converted = from_pretrained(dcp_to_safetensors(ckpt, tmp_path / "plain"))
+    consolidated = from_pretrained(ckpt)  # the model.safetensors written next to distcp/
+    reference = from_pretrained(runs["ref"] / "checkpoints" / "step-000006")
+    for (name, a), b, c in zip(converted.state_dict().items(), consolidated.state_dict().values(),
+                               reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(a, c, rtol=0, atol=2e-5, msg=name)
+
+
+def test_config_errors(tmp_path, monkeypatch):
+    from minimax_gpt.distributed import setup
+
+    with pytest.raises(ValueError, match="train.parallel"):
+        load_run_config(write_config(tmp_path, tmp_path / "o"), ["--train.parallel", "tp"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="--train.parallel ddp"):
+        setup("none", "cpu")
