@@ -80,13 +80,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["bmm", "loop"])
 @pytest.mark.parametrize("kw", CASES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_bmm_matches_reference_fp64(kw, masked):
+def test_bmm_and_loop_match_reference_fp64(kw, masked, impl):
     m, cfg = make(**kw)
     x = skewed_input(m, 3, 11, 16)
     mask = pad_mask(3, 11, [11, 7, 2]) if masked else None
-    y, s, aux, g = run_with_grads(vectorised("bmm"), m, x, mask, cfg)
+    y, s, aux, g = run_with_grads(vectorised(impl), m, x, mask, cfg)
     yr, sr, auxr, gr = run_with_grads(reference, m, x, mask, cfg)
     assert s.expert_counts[-1] == 0 and s.expert_counts[0] == s.expert_counts.max()  # uneven, one idle
     assert (s.dropped_fraction > 0) == (cfg.moe_capacity_factor is not None)  # the capacity cases do drop
@@ -135,7 +136,7 @@ def two_expert_layer(cf, T=8):
     return m, cfg, x
 
 
-@pytest.mark.parametrize("impl", ["bmm", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["bmm", "grouped_mm", "loop"])
 def test_capacity_drops_lowest_weight_not_position(impl):
     m, cfg, x = two_expert_layer(cf=0.5)  # cap = ceil(0.5 * 8 * 1 / 2) = 2
     if impl == "grouped_mm":
@@ -309,7 +310,7 @@ def test_layer_scale():
     assert make(moe_layer_scale=False)[0].layer_scale is None
 
 
-@pytest.mark.parametrize("impl", ["bmm", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["bmm", "grouped_mm", "loop"])
 def test_overflowing_routing_is_finite(impl):
     m, cfg = make(dtype=torch.float32, moe_capacity_factor=0.01, moe_top_k=2)
     m.dispatch = impl

@@ -15,10 +15,13 @@ mode only; in eval mode routing is dropless, so a token's output never depends o
 
 Dispatch, with no loop over tokens and no host synchronisation per expert: the (token, expert) assignments are sorted
 by expert (then by descending probability, which orders the capacity drop), tokens are gathered once, the experts run
-as one `bmm` per weight over an (E, capacity, C) buffer, and outputs are scattered back with `index_add_`. The buffer's
-capacity is static under capacity limiting (the cap for a batch without padding) and the largest expert load when
-dropless (one host sync per layer). `dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no
-sync at all); it is verified on CPU (fp32 / bf16) but slower there than bmm, so "auto" (the default) is bmm. `moe_forward_reference` is the plain per-expert loop kept for tests.
+as one `bmm` per weight over an (E, capacity, C) buffer, and each token reads its k outputs back and sums them. Both
+directions are gathers, in forward and backward (`_GatherRows`), never an `index_add_`. The buffer's capacity is static
+under capacity limiting (the cap for a batch without padding) and the largest expert load when dropless (one host sync
+per layer). `dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no sync at all); it is
+verified on CPU (fp32 / bf16) but slower there than bmm. `dispatch="loop"` runs each used expert on its rows with
+`F.linear` (one host sync); "auto" (the default) is the loop for at most LOOP_MAX_ASSIGNMENTS assignments (decoding)
+and bmm above. `moe_forward_reference` is the plain per-expert loop kept for tests.
 
 Losses (unweighted; the coefficients live in the config):
   load_balance  E * sum_e f_e * P_e over the non-pad tokens of all layers (Switch / Mixtral, as transformers'
@@ -46,7 +49,8 @@ from torch import nn
 
 from minimax_gpt.config import MiniMaxConfig
 
-DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm")
+DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
+LOOP_MAX_ASSIGNMENTS = 64  # "auto" runs the per-expert loop up to this many (token, expert) assignments
 
 
 @dataclass
@@ -167,16 +171,17 @@ class MoEFeedForward(nn.Module):
         if cap is not None:
             keep = keep & (rank < cap)
 
-        impl = self._impl(x)
+        impl = self._impl(x, A)
         if impl == "grouped_mm":
-            out_rows, rows = self._experts_grouped(xf, order, e_sorted, keep)
+            out_rows, maps = self._experts_grouped(xf, order, e_sorted, keep)
+        elif impl == "loop":
+            out_rows, maps = self._experts_loop(xf, order, keep, counts)
         else:
-            out_rows, rows = self._experts_bmm(xf, order, e_sorted, rank, keep, counts, N)
-        # rows: (R,) index into the sorted assignments (A = dropped / empty); out_rows (R, C)
-        w_sorted = torch.cat([top_w.reshape(A)[order], top_w.new_zeros(1)])  # (A+1,)
-        tok_sorted = torch.cat([order // k, order.new_full((1,), N)])  # (A+1,) token of each assignment, N = none
-        w_rows = w_sorted[rows].to(out_rows.dtype)  # (R,) 0 for dropped / empty rows
-        y = out_rows.new_zeros(N + 1, C).index_add_(0, tok_sorted[rows], out_rows * w_rows[:, None])[:N]
+            out_rows, maps = self._experts_bmm(xf, order, e_sorted, rank, keep, counts, N)
+        # out_rows (R, C): row r is the output of assignment maps.assignment[r] (A = empty). Read each assignment's row
+        # back (dropped ones read a zero row) and sum its k weighted outputs per token: gathers, no scatter-add.
+        out_a = _gather_rows(torch.cat([out_rows, out_rows.new_zeros(1, C)]), maps.row, maps.assignment_ext, 1)
+        y = (out_a.view(N, k, C) * top_w.to(out_a.dtype)[..., None]).sum(1)  # (N, C)
         if self.layer_scale is not None:
             y = y * self.layer_scale.to(y.dtype)
         y = y.view(B, T, C)
@@ -187,7 +192,7 @@ class MoEFeedForward(nn.Module):
         return y, stats
 
     # ------------------------------------------------------------------------------------------------------------
-    def _impl(self, x: torch.Tensor) -> str:
+    def _impl(self, x: torch.Tensor, n_assignments: int) -> str:
         if self.dispatch not in DISPATCH_IMPLS:
             raise ValueError(f"dispatch is {self.dispatch!r}; allowed: {', '.join(DISPATCH_IMPLS)}")
         if self.dispatch != "auto":
@@ -196,8 +201,10 @@ class MoEFeedForward(nn.Module):
                                  f"n_embd={self.w2.shape[1]}, intermediate_size={self.w2.shape[2]}")
             return self.dispatch
         # bmm is faster than CPU grouped_mm (a loop of mm, slower backward; benchmarks/bench_moe.py), and grouped_mm
-        # on CUDA has not been verified here, so "auto" is bmm everywhere for now.
-        return "bmm"
+        # on CUDA has not been verified here, so "auto" is bmm, except for a few assignments (decoding): there the
+        # bmm over an (E, cap, C) buffer reads every expert's weights for one or two rows, and CPU bmm on such small
+        # batches stalls under load (docs/performance.md), so each used expert runs alone.
+        return "loop" if n_assignments <= LOOP_MAX_ASSIGNMENTS else "bmm"
 
     def _swiglu_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dt = xs.dtype
@@ -218,9 +225,30 @@ class MoEFeedForward(nn.Module):
             0, e_sorted.clamp(max=E - 1), keep.int())
         offs = torch.cumsum(kept_counts, 0, dtype=torch.int32)
         offs[-1] = A
-        tok = torch.cat([order // self.top_k, order.new_full((1,), N)])[rows]
-        xs = torch.cat([xf, xf.new_zeros(1, xf.shape[1])]).index_select(0, tok)  # (A, C)
-        return self._swiglu_grouped(xs, offs), rows
+        maps = _RowMaps.build(order, rows, self.top_k)
+        xs = _gather_rows(torch.cat([xf, xf.new_zeros(1, xf.shape[1])]), maps.token, maps.row_ext, self.top_k)  # (A, C)
+        return self._swiglu_grouped(xs, offs), maps
+
+    def _experts_loop(self, xf, order, keep, counts):
+        """The sorted rows expert by expert, each expert with tokens running its SwiGLU through F.linear on its
+        contiguous group: for a few tokens only the used experts' weights are read. One host sync (the counts).
+        Dropped and pad rows read the zero row, so they add nothing."""
+        E, A, C = self.num_experts, order.numel(), xf.shape[1]
+        rows = torch.where(keep, torch.arange(A, device=xf.device), A)  # (A,) one row per sorted assignment
+        maps = _RowMaps.build(order, rows, self.top_k)
+        xs = _gather_rows(torch.cat([xf, xf.new_zeros(1, C)]), maps.token, maps.row_ext, self.top_k)  # (A, C)
+        dt, outs, start = xs.dtype, [], 0
+        for e, n in enumerate(counts.tolist()):  # (E+1) groups in sorted order, the last one the pads
+            if n == 0:
+                continue
+            xe = xs[start:start + n]  # (n, C)
+            if e < E:
+                h = F.silu(F.linear(xe, self.w1[e].to(dt))) * F.linear(xe, self.w3[e].to(dt))
+                outs.append(F.linear(h, self.w2[e].to(dt)))
+            else:
+                outs.append(torch.zeros_like(xe))
+            start += n
+        return torch.cat(outs), maps
 
     def _experts_bmm(self, xf, order, e_sorted, rank, keep, counts, N):
         """Kept rows into an (E, cap, C) buffer, one bmm per weight. The buffer capacity is the cap for a batch
@@ -235,12 +263,69 @@ class MoEFeedForward(nn.Module):
         rows = torch.full((S + 1,), A, dtype=torch.long, device=xf.device)
         rows.scatter_(0, slot, torch.arange(A, device=xf.device))
         rows = rows[:S]  # (S,) sorted-assignment index of each slot, A = empty
-        tok = torch.cat([order // self.top_k, order.new_full((1,), N)])[rows]
-        xb = torch.cat([xf, xf.new_zeros(1, C)]).index_select(0, tok).view(E, cap_buf, C)
+        maps = _RowMaps.build(order, rows, self.top_k)
+        xb = _gather_rows(torch.cat([xf, xf.new_zeros(1, C)]), maps.token, maps.row_ext, self.top_k)  # (S, C)
+        xb = xb.view(E, cap_buf, C)
         dt = xb.dtype
         h = F.silu(torch.bmm(xb, self.w1.to(dt).transpose(1, 2))) * torch.bmm(xb, self.w3.to(dt).transpose(1, 2))
         out = torch.bmm(h, self.w2.to(dt).transpose(1, 2))  # (E, cap, C)
-        return out.reshape(S, C), rows
+        return out.reshape(S, C), maps
+
+
+@dataclass
+class _RowMaps:
+    """Which expert row serves which assignment, both ways. R expert rows (bmm slots or grouped_mm rows), A = N * k
+    assignments in token-major order (assignment n * k + j is token n's j-th choice); each kept assignment has exactly
+    one row and each row at most one assignment, so both directions are gathers.
+
+    token      (R,)           token of each row, N for an empty row (it reads the zero row appended to x)
+    row        (A,)           row of each assignment, R for a dropped / pad assignment (it reads a zero row)
+    row_ext    ((N+1) * k,)   `row` with k entries R appended for the zero row of x
+    assignment_ext (R+1,)     assignment of each row, A for empty rows and for the appended zero row
+    """
+
+    token: torch.Tensor
+    row: torch.Tensor
+    row_ext: torch.Tensor
+    assignment_ext: torch.Tensor
+
+    @staticmethod
+    def build(order: torch.Tensor, rows: torch.Tensor, k: int) -> "_RowMaps":
+        """order (A,): sorted position -> assignment; rows (R,): row -> sorted position (A = empty)."""
+        A, R = order.numel(), rows.numel()
+        assignment = torch.cat([order, order.new_full((1,), A)])[rows]  # (R,)
+        # every row's assignment is unique except the sentinel A, written to the extra entry and dropped
+        row = torch.full((A + 1,), R, dtype=torch.long, device=order.device).scatter_(
+            0, assignment, torch.arange(R, device=order.device))[:A]
+        return _RowMaps(token=torch.where(assignment < A, assignment // k, A // k), row=row,
+                        row_ext=torch.cat([row, row.new_full((k,), R)]),
+                        assignment_ext=torch.cat([assignment, assignment.new_full((1,), A)]))
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = src[index] whose backward is a gather too: grad_src[i] = sum_j grad_ext[back[i * k + j]], where
+    grad_ext is grad_out with a zero row appended. Valid when `back` lists, for every row of src, the k output rows
+    that read it (padded with the zero row). It replaces index_select's index_add_ backward, whose CPU kernel
+    (sorting, per-thread buffers) cost more than the expert matmuls in decoding and stalls under load."""
+
+    @staticmethod
+    def forward(ctx, src, index, back, k):
+        ctx.save_for_backward(back)
+        ctx.k = k
+        return src.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        g = torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, back)
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, grad.shape[1]).sum(1)
+        return g, None, None, None
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor, back: torch.Tensor, k: int) -> torch.Tensor:
+    return _GatherRows.apply(src, index, back, k)
 
 
 def _check_inputs(x: torch.Tensor, token_mask: torch.Tensor | None, C: int) -> tuple[int, int, int]:
