@@ -28,6 +28,10 @@ from minimax_gpt.rotary import RotaryEmbedding
 IGNORE_INDEX = -100
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class CausalLMOutput(tuple):
     """`(logits, loss)`, so `logits, loss = model(...)` unpacks; the rest are attributes:
     `ce_loss` (cross-entropy alone), `aux_losses` (dict of unweighted MoE losses), `moe_stats` (per-layer router
@@ -171,7 +175,11 @@ class EnhancedMiniMaxGPT(nn.Module):
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must not be empty, got shape {tuple(input_ids.shape)}")
         V = self.config.vocab_size
-        if bool(((input_ids < 0) | (input_ids >= V)).any()):
+        # Value checks read the data (a host sync): under torch.compile they become in-graph asserts instead of graph
+        # breaks, raising RuntimeError with the same message.
+        if _compiling():
+            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), f"input_ids must be in [0, vocab_size={V})")
+        elif bool(((input_ids < 0) | (input_ids >= V)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise ValueError(f"input_ids must be in [0, vocab_size={V}), found {bad}")
         input_ids = input_ids.long()
@@ -182,7 +190,10 @@ class EnhancedMiniMaxGPT(nn.Module):
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(targets.shape)}")
-            if bool((((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= V)).any()):
+            bad_targets = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= V)
+            if _compiling():
+                torch._assert_async(~bad_targets.any(), f"targets must be in [0, vocab_size={V}) or {IGNORE_INDEX}")
+            elif bool(bad_targets.any()):
                 raise ValueError(f"targets must be in [0, vocab_size={V}) or {IGNORE_INDEX} (ignored)")
             targets = targets.long()
         if attention_mask is not None:
