@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.suite` (the suite) and the single-topic scripts next to it."""
