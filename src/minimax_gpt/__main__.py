@@ -16,7 +16,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+
+from minimax_gpt.faults import TrainingDiverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return _COMMANDS[args.command](args, rest)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError, TrainingDiverged) as e:
         print(f"minimax-gpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -95,6 +98,8 @@ def _train(args, overrides: list[str]) -> int:
     summary = train(run, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):  # stopped by a signal, checkpoint saved: the shell's 128 + signal number
+        return 128 + int(getattr(signal, summary["interrupted"]))
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,16 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, token
     """`out_dir/checkpoints/step-{step:06d}`, then point `out_dir/checkpoints/latest` at it."""
     root = Path(out_dir) / CHECKPOINTS_DIR
     name = f"step-{step:06d}"
-    path = save_checkpoint(root / name, model, tokenizer, trainer_state, run_config)
-    _write_text_atomic(root / LATEST_NAME, name + "\n")
+    try:
+        path = save_checkpoint(root / name, model, tokenizer, trainer_state, run_config)
+        _write_text_atomic(root / LATEST_NAME, name + "\n")
+    except OSError as e:  # disk full, quota, permissions: nothing under a final name was touched
+        try:
+            previous = latest_checkpoint(out_dir)
+        except OSError:
+            previous = None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise OSError(e.errno, f"could not write checkpoint {root / name}: {e.strerror or e}; {kept}") from e
     return path
 
 
@@ -95,23 +104,46 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
 
 def load_weights(model, path: str | os.PathLike) -> None:
     """Copy a checkpoint's weights into an existing model (same config), keeping its device and dtype."""
-    loaded = from_pretrained(resolve_checkpoint(path))
-    if loaded.config.to_dict() != model.config.to_dict():
-        raise ValueError(f"{path}: the checkpoint's model config differs from the model being trained")
+    path = resolve_checkpoint(path)
+    loaded = from_pretrained(path)
+    saved, ours = loaded.config.to_dict(), model.config.to_dict()
+    differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"{path / CONFIG_NAME}: the checkpoint's model config is incompatible with this run's: " +
+                         "; ".join(f"{k}: checkpoint {saved.get(k)!r}, run {ours.get(k)!r}" for k in differ))
     model.load_state_dict(loaded.state_dict())
 
 
-def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+def load_trainer_state(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """trainer_state.pt, read with torch.load(weights_only=True): tensors and plain containers only, so a file
+    holding any other object (a pickle payload) is refused without running it. `required`: keys that must be there."""
     path = resolve_checkpoint(path) / TRAINER_STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: this checkpoint has no training state to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain Python containers "
+                         f"(only weights_only=True loading is allowed): {_last_line(e)}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupted ({type(e).__name__}: {_last_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (has {', '.join(map(str, state)) or 'nothing'})")
+    return state
 
 
 def load_saved_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The run config dict saved with a checkpoint, or None."""
     path = resolve_checkpoint(path) / RUN_CONFIG_NAME
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else "no message"
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -294,11 +294,13 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _check_length(self, seq_len: int) -> None:
+    def check_length(self, seq_len: int) -> None:
+        """Raise ValueError (naming the prepared directory and its source) unless one window of seq_len + 1 fits."""
         if len(self.tokens) < seq_len + 1:
             raise ValueError(
-                f"{self.split} split of {self.prepared_dir} has {len(self.tokens)} tokens, fewer than one sequence "
-                f"of seq_len + 1 = {seq_len + 1}; use more data, a shorter seq_len or a different val_fraction"
+                f"{self.split} split of {self.prepared_dir} (from {self.meta.get('source', '?')}) has "
+                f"{len(self.tokens)} tokens, fewer than one sequence of seq_len + 1 = {seq_len + 1}; use more data, "
+                f"a shorter seq_len or a different val_fraction"
             )
 
     def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +310,7 @@ class TokenDataset:
 
     def get_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 (B, T) on CPU; B random window starts drawn from ``generator``; y[:, t] = x[:, t + 1]."""
-        self._check_length(seq_len)
+        self.check_length(seq_len)
         starts = torch.randint(len(self.tokens) - seq_len, (batch_size,), generator=generator).numpy()
         return self._windows(starts, seq_len)
 
@@ -317,7 +319,7 @@ class TokenDataset:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows from the start, in order: window k is tokens[k*T : k*T + T + 1]. Every batch
         has batch_size rows except possibly the last; at most max_batches batches."""
-        self._check_length(seq_len)
+        self.check_length(seq_len)
         n_windows = (len(self.tokens) - 1) // seq_len
         for b, first in enumerate(range(0, n_windows, batch_size)):
             if max_batches is not None and b >= max_batches:

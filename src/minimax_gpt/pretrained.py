@@ -63,7 +63,11 @@ class SafetensorsReader:
             path = self.directory / filename
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {INDEX_NAME} but does not exist")
-            self._handles[filename] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+                raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+            self._handles[filename] = self._stack.enter_context(handle)
         return self._handles[filename]
 
     def keys(self) -> set[str]:
@@ -138,11 +142,19 @@ def load_config(directory: str | os.PathLike) -> MiniMaxConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a directory written by save_pretrained")
-    d = json.loads(path.read_text())
-    if isinstance(d, dict) and ("model_type" in d or "architectures" in d):
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of MiniMaxConfig fields, got {type(d).__name__}")
+    if "model_type" in d or "architectures" in d:
         raise ValueError(f"{path} is a Hugging Face config (model_type={d.get('model_type')!r}); load that directory "
                          "with minimax_gpt.hf.from_hf")
-    return MiniMaxConfig.from_dict(d)
+    try:
+        return MiniMaxConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
 
 
 def from_pretrained(directory: str | os.PathLike, device: torch.device | str | None = None,

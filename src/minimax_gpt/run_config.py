@@ -100,6 +100,7 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (each skipped); 0 = never
     # --- reporting and saving ----------------------------------------------------------------------------------
     log_interval: int = 10  # steps between metrics.jsonl records (and progress-bar updates)
     eval_interval: int = 250  # steps between validations; 0 = only at the end
@@ -124,7 +125,8 @@ class TrainConfig:
         for name in ("grad_accum_steps", "log_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("threads", "loss_chunk_size", "eval_interval", "save_interval", "sample_tokens"):
+        for name in ("threads", "loss_chunk_size", "eval_interval", "save_interval", "sample_tokens",
+                     "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "sample_temperature"):

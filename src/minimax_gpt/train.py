@@ -15,7 +15,10 @@ One optimizer step = grad_accum_steps micro-batches of the phase's (batch_size, 
 grad_accum_steps, so the gradient is that of the mean loss over the step's tokens. Mixed precision is autocast
 (bf16 on CPU / CUDA; fp16 on CUDA with a GradScaler); weights and optimizer state stay float32. A step whose loss or
 gradient norm is not finite is skipped (no update) and counted in `skipped_steps`; under fp16 the GradScaler also
-skips overflowing steps on its own.
+skips overflowing steps on its own. After `train.max_bad_steps` such steps in a row the run raises
+`faults.TrainingDiverged` without writing anything, so the last good checkpoint stays the latest. SIGINT / SIGTERM
+finish the current step, save a checkpoint and return (summary "interrupted": "SIGTERM"); a failed checkpoint write
+(disk full) raises OSError naming the checkpoint and leaves the previous one in place.
 
 Resume (`train(run, resume=True)`) restores weights, optimizer, grad scaler, the schedule position and every RNG
 (torch, CUDA, python, and the torch.Generator that draws training batches), so the steps after a resume are those
@@ -42,15 +45,16 @@ from torch import nn
 
 from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, load_weights, resolve_checkpoint,
                                     save_training_checkpoint)
-from minimax_gpt.model import EnhancedMiniMaxGPT
-from minimax_gpt.run_config import PhaseConfig, RunConfig, TrainConfig, load_run_config
-
 from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
 from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, evaluate_sharded,
                                      main_process_first, parallelize, seed_rank, shard_training_data)
 from minimax_gpt.distributed import setup as setup_distributed
+from minimax_gpt.faults import BadStepTracker, GracefulStop
+from minimax_gpt.model import EnhancedMiniMaxGPT
+from minimax_gpt.run_config import PhaseConfig, RunConfig, TrainConfig, load_run_config
+
 __all__ = ["PhaseConfig", "RunConfig", "TrainConfig", "count_params", "evaluate", "evaluate_checkpoint",
            "load_run_config", "make_optimizer", "train"]
 
@@ -293,6 +297,9 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_data = TokenDataset(data_dir, "train")
     val_data = TokenDataset(data_dir, "val") if tc.val_fraction > 0 else None
+    for split in (train_data, val_data):  # fail now, not at the first step of a later phase
+        if split is not None:
+            split.check_length(max(p.seq_len for p in run.phases))
 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -306,7 +313,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     data_gen = torch.Generator().manual_seed(tc.seed)
     progress = Progress()
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt, required=("optimizer", "scaler", "rng", "progress"))
         if is_distributed_checkpoint(ckpt):
             load_distributed_state(ckpt, model, optimizer)
         elif dctx.parallel == "fsdp":
@@ -337,6 +344,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     recent = collections.deque(maxlen=20)  # train losses of the last steps, for summary.json
     last_eval: dict[str, Any] = {}
     train_seconds, session_tokens = 0.0, 0
+    bad_steps = BadStepTracker(tc.max_bad_steps, skipped=progress.skipped_steps)
+    last_saved: list[Path | None] = [ckpt]
 
     def save() -> Path:
         trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -351,6 +360,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         else:
             path = save_training_checkpoint(out_dir, progress.step, model, tokenizer, trainer_state, run_dict)
         logger.info("saved checkpoint %s", path)
+        last_saved[0] = path
         return path
 
     def run_eval(phase: PhaseConfig) -> None:
@@ -374,7 +384,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     model.train()
     stopped = False
     interval_tokens, interval_time = 0, 0.0
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(), GracefulStop() as stop_signal:
         while progress.phase < len(run.phases) and not stopped:
             phase = run.phases[progress.phase]
             frozen = apply_freeze(model, phase.freeze)
@@ -399,8 +409,10 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                 progress.step += 1
                 progress.phase_step += 1
                 progress.tokens_seen += tokens
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    progress.skipped_steps += 1
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                bad_steps.record(finite)
+                progress.skipped_steps = bad_steps.skipped
+                if not finite:
                     logger.warning("step %d: non-finite %s, update skipped (%d so far)", progress.step,
                                    "loss" if not math.isfinite(loss) else "gradient norm", progress.skipped_steps)
                 else:
@@ -418,6 +430,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                     metrics.write(record)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     interval_tokens, interval_time = 0, 0.0
+                bad_steps.check(progress.step, last_saved[0])  # raises after train.max_bad_steps in a row
                 saved = False
                 if progress.phase_step == phase.iters:
                     progress.phase += 1
@@ -434,16 +447,23 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                         save()
                     logger.info("stopping after step %d (train.stop_after); continue with --resume", progress.step)
                     stopped = True
+                if stop_signal.requested and not stopped:
+                    if not saved:
+                        save()
+                    logger.info("stopped by %s after step %d; continue with --resume", stop_signal.requested,
+                                progress.step)
+                    stopped = True
                 if stopped or progress.phase_step == 0:  # stopped, or the phase just ended
                     break
     bar.close()
 
+    interrupted = stop_signal.requested  # then leave quickly: no final evaluation nor sample
     last_phase = run.phases[min(progress.phase, len(run.phases) - 1)]
-    if val_data is not None and last_eval.get("step") != progress.step:
+    if val_data is not None and last_eval.get("step") != progress.step and not interrupted:
         run_eval(last_phase)
     metrics.close()
     plotted = plot_losses(metrics.records, boundaries, out_dir / "loss.png") if dctx.is_main else False
-    sample = _write_sample(  # every rank: FSDP's forward needs all of them
+    sample = "" if interrupted else _write_sample(  # every rank: FSDP's forward needs all of them
         model, tokenizer, tc, out_dir / "sample.txt" if dctx.is_main else Path(os.devnull))
     summary = {
         "val_loss": last_eval.get("val_loss"),
@@ -457,6 +477,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         "active_params": active_params,
         "skipped_steps": progress.skipped_steps,
         "completed": progress.phase >= len(run.phases),
+        "interrupted": interrupted,  # "SIGINT" / "SIGTERM" when a signal stopped the run (checkpoint saved)
         "device": str(device),
         "precision": precision,
         "threads": torch.get_num_threads(),
