@@ -398,7 +398,12 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"no {META_FILE} in {directory}: not a saved tokenizer")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path}: not a JSON tokenizer description ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     kind = meta.get("kind")
     if kind == "bytes":
         tokenizer = ByteTokenizer()
@@ -407,7 +412,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     elif kind in ("bpe", "hf"):
         from tokenizers import Tokenizer as HFCoreTokenizer
 
-        core = HFCoreTokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            core = HFCoreTokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for unparsable files
+            raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer.json ({e})") from None
         tokenizer = HFTokenizer(core, kind, meta["eos_token_id"], source=meta.get("source"))
     elif kind == "tiktoken":
         path = directory / "encoding.tiktoken"
