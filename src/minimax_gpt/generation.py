@@ -7,21 +7,30 @@ Batched prompts of different lengths are left-padded and come with an attention 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import torch
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """TypeError for a wrong type, ValueError for a value out of range; each names the argument and the range.
+    temperature 0 means greedy decoding."""
+    for name, value, kind, optional in (("max_new_tokens", max_new_tokens, numbers.Integral, False),
+                                        ("temperature", temperature, numbers.Real, False),
+                                        ("top_k", top_k, numbers.Integral, True),
+                                        ("top_p", top_p, numbers.Real, True)):
+        if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        want = "an int" if kind is numbers.Integral else "a number"
+        raise TypeError(f"{name} must be {want}{' or None' if optional else ''}, got {type(value).__name__} {value!r}")
+    if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not (0 < top_p <= 1)):
+    if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
@@ -54,8 +63,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     """Yield the next token of every row (B,) at each step. Rows that emitted eos_token_id keep emitting it; the
     stream stops when every row has, or after max_new_tokens steps."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a tensor of shape (batch, seq_len)")
+    input_ids = model._check_inputs(input_ids, None, None, None)[0]  # the model's checks, also for 0 new tokens
     B, T0 = input_ids.shape
     config = model.config
     if config.pos_embedding == "learned" and T0 + max_new_tokens > config.block_size:
@@ -105,8 +113,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
 
 
 def _check_left_padded(mask: torch.Tensor, shape) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor of 0/1 or bool, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must contain only 0 and 1")
     mask = mask.bool()
     # left padding: once a row has a real token, every later token is real; and every row has one
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):

@@ -114,6 +114,9 @@ class EnhancedMiniMaxGPT(nn.Module):
         cache from `new_cache`, updated in place; logits_to_keep > 0 computes logits for the last positions only.
         loss_chunk_size > 0 with targets: the loss is `loss.chunked_cross_entropy` over chunks of that many positions
         and the (B, T, V) logits are never materialised: the returned logits are None."""
+        for name, value in (("logits_to_keep", logits_to_keep), ("loss_chunk_size", loss_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 = off), got {value!r}")
         input_ids, targets, attention_mask = self._check_inputs(input_ids, targets, attention_mask, cache)
         B, T = input_ids.shape
         ctx = build_context(input_ids, attention_mask, cache)
@@ -185,8 +188,10 @@ class EnhancedMiniMaxGPT(nn.Module):
         input_ids = input_ids.long()
         B, T = input_ids.shape
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point:
-                raise TypeError("targets must be an integer tensor of token ids")
+            if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype in (
+                    torch.bool, torch.complex64, torch.complex128):
+                raise TypeError(f"targets must be an integer tensor of token ids, got "
+                                f"{getattr(targets, 'dtype', type(targets).__name__)}")
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(targets.shape)}")
