@@ -218,3 +218,34 @@ def test_shards_are_disjoint_and_contiguous(tmp_path):
     assert shards[1].get_batch(2, 8, torch.Generator().manual_seed(0))[0].shape == (2, 8)
     with pytest.raises(ValueError, match="rank < world_size"):
         ds.shard(4, 4)
+
+
+# --- errors a training run meets (issue 9) ---------------------------------------------------------------
+def test_char_tokenizer_on_invalid_utf8_and_missing_text_field_name_file_and_line(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: invalid UTF-8 at byte offset 5"):
+        prepare(tmp_path / "bad.txt", tmp_path / "out", tokenizer_kind="char")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", [{"text": "ok"}, {"text": "ok"}])
+    _write_jsonl(folder / "b.jsonl", [{"text": "ok"}, {"body": "no text"}])
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: expected a JSON object with a string \"text\" field"):
+        prepare(folder, tmp_path / "out", tokenizer_kind="char")  # one bad line fails the set, naming it
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_training_on_a_corpus_shorter_than_one_sequence_fails_before_the_first_step(tmp_path, monkeypatch):
+    from minimax_gpt import EnhancedMiniMaxGPT
+    from minimax_gpt.run_config import load_run_config
+    from minimax_gpt.train import train
+    from train_helpers import write_config
+
+    cfg = write_config(tmp_path, tmp_path / "out")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n")  # 44 chars
+    built = []
+    monkeypatch.setattr(EnhancedMiniMaxGPT, "__init__", lambda *a, **k: built.append(1))
+    # phase 2's seq_len 16 does not fit the 5 validation tokens: reported before the model is built
+    with pytest.raises(ValueError, match=r"val split of .*data \(from .*corpus\.txt\) has 5 tokens, fewer than one "
+                                         r"sequence of seq_len \+ 1 = 17"):
+        train(load_run_config(cfg))
+    assert not built
