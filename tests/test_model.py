@@ -209,3 +209,14 @@ def test_moe_model_trains():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("name", ["hybrid", "moe"])
+def test_bf16_autocast_training_step(name):
+    model = make(name).train()
+    ids = torch.randint(0, 61, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(ids, targets=ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

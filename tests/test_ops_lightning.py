@@ -326,3 +326,20 @@ def test_chunked_matches_transformers_block_loop(T, chunk_size):
     their_core = captured["core"].view(2, T, layer.num_attention_heads, layer.head_dim).transpose(1, 2)
     assert_exact(out, their_core)
     assert_exact(state, their_state)
+
+
+@pytest.mark.parametrize("backward", ["fused", "autograd"])
+def test_autocast_does_not_change_the_op(backward):
+    """Under bf16 autocast the op keeps its own float32 arithmetic: same output, state and gradients as without."""
+    q, k, v, s0 = (t.float() if t is not None else None for t in make_inputs(70, with_state=True))
+    results = []
+    for autocast in (False, True):
+        qq, kk, vv, ss = (t.detach().clone().requires_grad_() for t in (q, k, v, s0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, state = lightning_attn_chunked(qq, kk, vv, SLOPES.float(), ss, chunk_size=16, backward=backward)
+            rec, rec_state = lightning_attn_recurrent(qq, kk, vv, SLOPES.float(), ss)
+        (out.sum() + state.sum() + rec.sum()).backward()
+        results.append((out, state, rec, rec_state, qq.grad, kk.grad, vv.grad, ss.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -146,10 +146,11 @@ def lightning_attn_recurrent(
     else:
         state = initial_state.to(cdt)
     outs = []
-    for t in range(T):
-        kv = kc[:, :, t, :, None] * vc[:, :, t, None, :]  # (B, H, D, Dv) = k_t^T v_t
-        state = torch.addcmul(kv, state, ratio)
-        outs.append(qc[:, :, t, None, :] @ state)  # (B, H, 1, Dv)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # float32 arithmetic, as the chunked op
+        for t in range(T):
+            kv = kc[:, :, t, :, None] * vc[:, :, t, None, :]  # (B, H, D, Dv) = k_t^T v_t
+            state = torch.addcmul(kv, state, ratio)
+            outs.append(qc[:, :, t, None, :] @ state)  # (B, H, 1, Dv)
     out = torch.cat(outs, dim=2) if T > 0 else vc.new_empty((B, H, 0, Dv))  # (B, H, T, Dv)
     return out.to(q.dtype), state
 
@@ -214,6 +215,13 @@ def lightning_attn_chunked(
         raise ValueError(f"backward must be 'fused' or 'autograd', got {backward!r}")
     if q.is_cuda:
         _log_cuda_fallback_once()
+    # The op chooses its own precision (float32 arithmetic and state for half inputs); autocast around it would
+    # turn its matmuls to bf16 and mix dtypes between the forward's saved states and the backward.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _chunked_dispatch(q, k, v, slopes, initial_state, chunk_size, backward)
+
+
+def _chunked_dispatch(q, k, v, slopes, initial_state, chunk_size, backward):
     if backward == "autograd":
         return _chunked_autograd(q, k, v, slopes, initial_state, chunk_size)
 
