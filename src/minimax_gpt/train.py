@@ -94,7 +94,9 @@ def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> t
     for _, p in model.named_parameters():
         (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernel exists for CUDA and CPU; on CPU the default foreach path measured ~30x slower here
+    # (2.97 s vs 0.10 s per step for 7M parameters, torch 2.13).
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=0.0, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, **extra)
 
 
