@@ -102,15 +102,21 @@ def test_invalid_field_raises_value_or_type_error_naming_it(base, case):
 
 @FAST
 @given(base=valid_configs(), n_head=st.integers(1, 6), n_kv_head=st.integers(1, 6), top_k=st.integers(1, 8),
-       n_layer=st.integers(1, 4))
-def test_inconsistent_fields_raise_value_error(base, n_head, n_kv_head, top_k, n_layer):
+       n_layer=st.integers(1, 4), which=st.sampled_from(["heads", "experts", "layers"]))
+def test_inconsistent_fields_raise_value_error(base, n_head, n_kv_head, top_k, n_layer, which):
+    """One pair of fields at a time: heads (n_head a multiple of n_kv_head), experts (moe_top_k <= num_experts),
+    layers (len(layer_types) == n_layer)."""
     d = base.to_dict()
-    d.update(n_head=n_head, n_kv_head=n_kv_head, moe_top_k=top_k, use_moe=True, n_layer=n_layer)
-    consistent = n_head % n_kv_head == 0 and top_k <= d["num_experts"] and n_layer == len(d["layer_types"])
+    change, consistent, field = {
+        "heads": (dict(n_head=n_head, n_kv_head=n_kv_head), n_head % n_kv_head == 0, "n_kv_head"),
+        "experts": (dict(use_moe=True, moe_top_k=top_k), top_k <= d["num_experts"], "moe_top_k"),
+        "layers": (dict(n_layer=n_layer), n_layer == len(d["layer_types"]), "layer_types"),
+    }[which]
+    d.update(change)
     if consistent:
         MiniMaxConfig.from_dict(d)
     else:
-        with pytest.raises(ValueError, match="n_kv_head|moe_top_k|layer_types"):
+        with pytest.raises(ValueError, match=field):
             MiniMaxConfig.from_dict(d)
 
 
