@@ -16,6 +16,7 @@ from minimax_gpt.config import MiniMaxConfig
 from minimax_gpt.context import ForwardContext
 from minimax_gpt.lightning import LightningAttention
 from minimax_gpt.mlp import SwiGLU
+from minimax_gpt.moe import MoEFeedForward
 from minimax_gpt.norm import RMSNorm
 
 MIXERS = {"softmax": SoftmaxAttention, "lightning": LightningAttention}
@@ -23,8 +24,6 @@ MIXERS = {"softmax": SoftmaxAttention, "lightning": LightningAttention}
 
 def make_ffn(config: MiniMaxConfig, layer_idx: int) -> nn.Module:
     if config.use_moe:
-        from minimax_gpt.moe import MoEFeedForward
-
         return MoEFeedForward(config, layer_idx)
     return SwiGLU(config)
 

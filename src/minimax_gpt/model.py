@@ -21,7 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from minimax_gpt.block import EnhancedHybridBlock
 from minimax_gpt.cache import ModelCache
 from minimax_gpt.config import MiniMaxConfig
+from minimax_gpt import generation
 from minimax_gpt.context import build_context
+from minimax_gpt.loss import chunked_cross_entropy
+from minimax_gpt.moe import moe_aux_losses, moe_total_aux_loss
 from minimax_gpt.norm import RMSNorm
 from minimax_gpt.rotary import RotaryEmbedding
 
@@ -147,8 +150,6 @@ class EnhancedMiniMaxGPT(nn.Module):
 
         aux_losses, aux_total = {}, None
         if self.config.use_moe:
-            from minimax_gpt.moe import moe_aux_losses, moe_total_aux_loss
-
             aux_losses = moe_aux_losses(stats, self.config)
             aux_total = moe_total_aux_loss(aux_losses, self.config)
         ce_loss = loss = None
@@ -158,8 +159,6 @@ class EnhancedMiniMaxGPT(nn.Module):
             if attention_mask is not None:
                 targets = targets.masked_fill(~attention_mask[:, -T:], IGNORE_INDEX)
             if chunked_loss:
-                from minimax_gpt.loss import chunked_cross_entropy
-
                 ce_loss = chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk_size, IGNORE_INDEX)
             else:
                 ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -226,9 +225,7 @@ class EnhancedMiniMaxGPT(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, **kwargs):
         """The prompt followed by up to max_new_tokens sampled tokens; see `minimax_gpt.generation.generate`."""
-        from minimax_gpt.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, **kwargs)
+        return generation.generate(self, input_ids, max_new_tokens, temperature=temperature, **kwargs)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
