@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from train_helpers import write_config  # noqa: E402  (the tiny config and corpus of the tests)
+from train_helpers import poison_training_forward, write_config  # noqa: E402  (the tiny config and corpus of the tests)
 
 
 def _train_losses(out_dir: Path) -> list[tuple[int, float]]:
@@ -47,18 +47,8 @@ def nan_batches(tmp: Path, steps: int, every: int) -> dict:
     from minimax_gpt.run_config import load_run_config
     from minimax_gpt.train import train
 
-    calls = {"n": 0}
     original = EnhancedMiniMaxGPT.forward
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] % every == 0:
-                out.loss.data.fill_(float("nan"))
-        return out
-
-    EnhancedMiniMaxGPT.forward = forward
+    poison_training_forward(setattr, lambda n: n % every == 0)
     try:
         torch.set_num_threads(1)
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from minimax_gpt.checkpoint import load_model, load_trainer_state, resolve_check
 from minimax_gpt.faults import BadStepTracker, GracefulStop, TrainingDiverged
 from minimax_gpt.run_config import load_run_config
 from minimax_gpt.train import train
-from train_helpers import write_config
+from train_helpers import poison_training_forward, write_config
 
 QUICK = ["--train.eval_interval", "0", "--train.sample_tokens", "0"]
 
@@ -29,33 +29,8 @@ def _losses(out_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def _poison_training_forward(monkeypatch, bad_calls, where="loss"):
-    """Make the training forward calls numbered in `bad_calls` (1-based) non-finite: their loss, or (where="grad")
-    the gradient of the embedding while the loss stays finite."""
-    calls = {"n": 0}
-    original = EnhancedMiniMaxGPT.forward
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] in bad_calls:
-                if where == "loss":
-                    out.loss.data.fill_(float("nan"))
-                else:  # a one-shot hook: this step's gradient only
-                    def nan_grad(g):
-                        handle.remove()
-                        return torch.full_like(g, float("nan"))
-
-                    handle = self.wte.weight.register_hook(nan_grad)
-        return out
-
-    monkeypatch.setattr(EnhancedMiniMaxGPT, "forward", forward)
-    return calls
-
-
 def test_non_finite_gradient_is_skipped_and_weights_stay_finite(tmp_path, monkeypatch):
-    _poison_training_forward(monkeypatch, {2}, where="grad")  # the hook is registered on a model built per run
+    poison_training_forward(monkeypatch.setattr, lambda n: n == 2, where="grad")  # the hook is registered on a model built per run
     out = tmp_path / "out"
     summary = train(load_run_config(write_config(tmp_path, out), QUICK))
     assert summary["skipped_steps"] == 1
@@ -68,7 +43,7 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
     """Steps 5, 6, 7 are non-finite with max_bad_steps = 3: the run stops at step 7 with a message naming the
     setting and the last checkpoint, which holds finite weights, equal to those after step 4 (skipped steps
     never update)."""
-    _poison_training_forward(monkeypatch, set(range(5, 100)))
+    poison_training_forward(monkeypatch.setattr, lambda n: 5 <= n < 100)
     out = tmp_path / "out"
     run = load_run_config(write_config(tmp_path, out), QUICK + ["--train.save_interval", "2", "--phases.1.iters", "9",
                                                                 "--train.max_bad_steps", "3"])
@@ -104,7 +79,7 @@ def test_bad_step_tracker_counts_streaks_and_zero_means_never():
 
 
 def test_sigint_saves_a_checkpoint_and_resume_completes(tmp_path, monkeypatch):
-    calls = _poison_training_forward(monkeypatch, set())
+    calls = poison_training_forward(monkeypatch.setattr, lambda n: False)
     original = EnhancedMiniMaxGPT.forward
 
     def forward(self, *args, **kwargs):  # Ctrl-C arrives during step 3

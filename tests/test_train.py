@@ -12,7 +12,7 @@ from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.checkpoint import load_model
 from minimax_gpt.run_config import PhaseConfig, TrainConfig, load_run_config
 from minimax_gpt.train import count_params, make_optimizer, train
-from train_helpers import write_config
+from train_helpers import poison_training_forward, write_config
 
 
 def _records(out_dir, kind="train"):
@@ -102,18 +102,7 @@ def test_optimizer_groups_and_active_params():
 
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = EnhancedMiniMaxGPT.forward
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                out.loss.data.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(EnhancedMiniMaxGPT, "forward", forward)
+    poison_training_forward(monkeypatch.setattr, lambda n: n == 2)
     out = tmp_path / "out"
     summary = train(load_run_config(write_config(tmp_path, out)))
     assert summary["skipped_steps"] == 1

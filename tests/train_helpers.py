@@ -58,3 +58,33 @@ def write_config(tmp_path: Path, out_dir: Path, dropout: float = 0.0, name: str 
     path = tmp_path / name
     path.write_text(TINY_TOML.format(out_dir=out_dir.as_posix(), data=data.as_posix(), dropout=dropout))
     return path
+
+
+def poison_training_forward(set_attr, is_bad, where="loss"):
+    """Make the training forward calls n (1-based) with is_bad(n) non-finite: their loss, or (where="grad") the
+    gradient of the embedding while the loss stays finite. `set_attr` installs the patched forward
+    (monkeypatch.setattr in tests, setattr in scripts that restore it). Returns the call counter."""
+    import torch
+
+    from minimax_gpt import EnhancedMiniMaxGPT
+
+    calls = {"n": 0}
+    original = EnhancedMiniMaxGPT.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if is_bad(calls["n"]):
+                if where == "loss":
+                    out.loss.data.fill_(float("nan"))
+                else:  # a one-shot hook: this step's gradient only
+                    def nan_grad(g):
+                        handle.remove()
+                        return torch.full_like(g, float("nan"))
+
+                    handle = self.wte.weight.register_hook(nan_grad)
+        return out
+
+    set_attr(EnhancedMiniMaxGPT, "forward", forward)
+    return calls
