@@ -180,32 +180,30 @@ def batch(config, B, T, seed=0):
 
 
 # --- rows ----------------------------------------------------------------------------------------------------------
-def row_train(a) -> list[dict]:
-    torch.manual_seed(0)
-    model = EnhancedMiniMaxGPT(moe_config())
-    hf = hf_minimax(model)
+def _train_row(a, row: str, what: str, model, hf, peer_name: str, extra_notes: str = "") -> list[dict]:
+    """Our training step against the peer's, same weights and batch, repeats interleaved."""
     x, y = batch(model.config, a.batch, a.seq)
     diff = max_logit_diff(model.eval(), hf.eval(), x[:1])
     t = interleaved({"ours": train_step(model, x, y, ours_loss), "peer": train_step(hf, x, y, hf_loss)},
                     a.warmup, a.repeats)
     tok = a.batch * a.seq
-    return [dict(row="train", what=f"training step, hybrid MoE, B{a.batch} x T{a.seq}", unit="tokens/s",
-                 ours=rate(tok, t["ours"]), peer=rate(tok, t["peer"]), peer_name="HF MiniMax",
-                 notes=f"max |logit diff| {diff:.1e}; HF experts={hf.config._experts_implementation}")]
+    return [dict(row=row, what=f"training step, {what}, B{a.batch} x T{a.seq}", unit="tokens/s",
+                 ours=rate(tok, t["ours"]), peer=rate(tok, t["peer"]), peer_name=peer_name,
+                 notes=f"max |logit diff| {diff:.1e}{extra_notes}")]
+
+
+def row_train(a) -> list[dict]:
+    torch.manual_seed(0)
+    model = EnhancedMiniMaxGPT(moe_config())
+    hf = hf_minimax(model)
+    return _train_row(a, "train", "hybrid MoE", model, hf, "HF MiniMax",
+                      f"; HF experts={hf.config._experts_implementation}")
 
 
 def row_train_dense(a) -> list[dict]:
     torch.manual_seed(0)
     model = EnhancedMiniMaxGPT(dense_config())
-    hf = hf_llama(model)
-    x, y = batch(model.config, a.batch, a.seq)
-    diff = max_logit_diff(model.eval(), hf.eval(), x[:1])
-    t = interleaved({"ours": train_step(model, x, y, ours_loss), "peer": train_step(hf, x, y, hf_loss)},
-                    a.warmup, a.repeats)
-    tok = a.batch * a.seq
-    return [dict(row="train_dense", what=f"training step, dense softmax, B{a.batch} x T{a.seq}", unit="tokens/s",
-                 ours=rate(tok, t["ours"]), peer=rate(tok, t["peer"]), peer_name="HF Llama",
-                 notes=f"max |logit diff| {diff:.1e}")]
+    return _train_row(a, "train_dense", "dense softmax", model, hf_llama(model), "HF Llama")
 
 
 def row_prefill(a) -> list[dict]:
