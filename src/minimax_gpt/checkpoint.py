@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, from_pretrained, save_pretrained
+from minimax_gpt.atomic import atomic_directory, atomic_file
+from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 RUN_CONFIG_NAME = "run_config.json"
@@ -50,6 +50,12 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer=None, trainer_stat
     return path
 
 
+def write_latest(root: Path, name: str) -> None:
+    """Point `root/latest` at the checkpoint `root/name` (atomically: the pointer is never half written)."""
+    with atomic_file(root / LATEST_NAME) as f:
+        f.write(name + "\n")
+
+
 def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict[str, Any],
                              run_config: dict[str, Any]) -> Path:
     """`out_dir/checkpoints/step-{step:06d}`, then point `out_dir/checkpoints/latest` at it."""
@@ -57,7 +63,7 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, token
     name = f"step-{step:06d}"
     try:
         path = save_checkpoint(root / name, model, tokenizer, trainer_state, run_config)
-        _write_text_atomic(root / LATEST_NAME, name + "\n")
+        write_latest(root, name)
     except OSError as e:  # disk full, quota, permissions: nothing under a final name was touched
         try:
             previous = latest_checkpoint(out_dir)
@@ -148,14 +154,3 @@ def _last_line(e: BaseException) -> str:
 
 def _is_checkpoint(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

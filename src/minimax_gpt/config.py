@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minimax_gpt.atomic import atomic_file
+
 LAYER_TYPES = ("lightning", "softmax")
 POS_EMBEDDINGS = ("learned", "none")
 
@@ -202,10 +204,8 @@ class MiniMaxConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            f.write(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MiniMaxConfig":

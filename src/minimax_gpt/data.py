@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minimax_gpt.atomic import atomic_file
 from minimax_gpt.tokenizer import META_FILE, Tokenizer, build_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -174,17 +175,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _tokenizer_for(texts: list[str], kind: str, vocab_size: int | None, tokenizer_path) -> Tokenizer:
     if tokenizer_path is not None and (Path(tokenizer_path) / META_FILE).is_file():
         tokenizer = load_tokenizer(tokenizer_path)  # a tokenizer saved earlier, e.g. with a checkpoint
@@ -248,8 +238,9 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "meta.json").exists():
         (out_dir / "meta.json").unlink()  # the directory is incomplete until the new meta.json lands
-    _atomic_write_bytes(out_dir / "train.bin", train.tofile)
-    _atomic_write_bytes(out_dir / "val.bin", val.tofile)
+    for name, split in (("train.bin", train), ("val.bin", val)):
+        with atomic_file(out_dir / name, "wb") as f:
+            split.tofile(f)
     tokenizer.save(out_dir / "tokenizer")
     meta = {
         "dtype": dtype.name,
@@ -263,8 +254,8 @@ def prepare(
         "eos_token_id": tokenizer.eos_token_id,
         "val_fraction": val_fraction,
     }
-    payload = (json.dumps(meta, indent=2) + "\n").encode()
-    _atomic_write_bytes(out_dir / "meta.json", lambda f: f.write(payload))
+    with atomic_file(out_dir / "meta.json") as f:  # written last: a directory with meta.json is complete
+        f.write(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

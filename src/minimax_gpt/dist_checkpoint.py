@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from minimax_gpt.checkpoint import (CHECKPOINTS_DIR, LATEST_NAME, RUN_CONFIG_NAME, TOKENIZER_DIR, TRAINER_STATE_NAME,
-                                    resolve_checkpoint)
+from minimax_gpt.atomic import fresh_sibling, replace_directory
+from minimax_gpt.checkpoint import (CHECKPOINTS_DIR, RUN_CONFIG_NAME, TOKENIZER_DIR, TRAINER_STATE_NAME,
+                                    resolve_checkpoint, write_latest)
 from minimax_gpt.distributed import DistContext, barrier
 from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_config
 
@@ -56,7 +56,7 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, optim
     tmp_name = [None]
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        tmp_name[0] = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)).name
+        tmp_name[0] = fresh_sibling(final, "tmp").name
     if ctx.world_size > 1:
         dist.broadcast_object_list(tmp_name, src=0)
     tmp = root / tmp_name[0]
@@ -76,17 +76,8 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, optim
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if ctx.is_main:
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            os.replace(final, old / name)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        fd, pointer_tmp = tempfile.mkstemp(prefix=f".{LATEST_NAME}.tmp-", dir=root)
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-        os.replace(pointer_tmp, root / LATEST_NAME)
+        replace_directory(tmp, final)
+        write_latest(root, name)
     barrier(ctx)
     return final
 

@@ -11,7 +11,7 @@
                 break
 
 A second signal while the first is being handled raises KeyboardInterrupt at once (an impatient Ctrl-C still works;
-a checkpoint being written is then discarded whole, see `pretrained.atomic_directory`).
+a checkpoint being written is then discarded whole, see `atomic.atomic_directory`).
 """
 
 from __future__ import annotations

@@ -71,11 +71,11 @@ from typing import Any
 
 import torch
 
+from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.config import MiniMaxConfig
 from minimax_gpt.pretrained import (
     CONFIG_NAME,
     SafetensorsReader,
-    atomic_directory,
     copy_checked,
     from_pretrained,
     save_pretrained,

@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.config import MiniMaxConfig
 
 CONFIG_NAME = "config.json"
@@ -97,30 +95,6 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
                          f"{tuple(dst.shape)}")
     with torch.no_grad():
         dst.copy_(src)
-
-
-# --- atomic directories -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; on success it replaces `path` (an existing directory is moved
-    aside first and deleted after the rename), on failure it is deleted and `path` is left as it was."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- our format ---------------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+from minimax_gpt.atomic import atomic_directory
 
 TOKENIZER_KINDS = ("bytes", "char", "bpe", "tiktoken", "hf")
 META_FILE = "tokenizer_meta.json"
@@ -68,13 +68,6 @@ O200K_PATTERN = "|".join(
 _HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
 
-def _fresh_sibling(directory: Path, tag: str) -> Path:
-    """A new empty directory next to ``directory`` (os.mkdir, so the usual umask applies, unlike mkdtemp's 0700)."""
-    path = directory.parent / f".{directory.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    return path
-
-
 class Tokenizer(ABC):
     """A text <-> token id mapping. ``encode`` never adds special tokens (nor turns text that spells one into its
     id); ``decode`` maps ids back, replacing invalid UTF-8 with U+FFFD."""
@@ -99,24 +92,10 @@ class Tokenizer(ABC):
     def save(self, directory: str | os.PathLike) -> None:
         """Write the tokenizer into ``directory`` (replacing it): files go to a temporary sibling, which is
         renamed into place, so an interrupted save never leaves a half-written tokenizer under that name."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_sibling(directory, "tmp")
-        try:
+        with atomic_directory(directory) as tmp:
             self._write_files(tmp)
             meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id}
             (tmp / META_FILE).write_text(json.dumps(meta | self._meta(), indent=2, ensure_ascii=False) + "\n")
-            if directory.exists():
-                # a directory cannot be renamed over a non-empty one: move the old one aside first
-                old = _fresh_sibling(directory, "old")
-                os.replace(directory, old / directory.name)
-                os.replace(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     def __repr__(self) -> str:
         name, eos = type(self).__name__, self.eos_token_id
