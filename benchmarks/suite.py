@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -43,7 +42,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 

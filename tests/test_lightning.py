@@ -8,7 +8,6 @@ from helpers import tiny_config
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.context import build_context
 from minimax_gpt.lightning import LightningAttention
-from minimax_gpt.ops.lightning import lightning_attn_naive
 
 
 def plain_lightning_layer(layer: LightningAttention, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.checkpoint import load_model

@@ -217,7 +217,6 @@ class MoEFeedForward(nn.Module):
         get a zero input (so they add nothing to any gradient) and are appended to the last group, because
         grouped_mm leaves rows past the final offset (and their input gradients) uninitialised."""
         E, A = self.num_experts, order.numel()
-        N = xf.shape[0]
         e_key = torch.where(keep, e_sorted, E)
         regroup = torch.argsort(e_key, stable=True)  # (A,) kept rows by expert, then the rest
         rows = torch.where(keep[regroup], regroup, A)  # (A,) sorted-assignment index, A = dropped
