@@ -196,6 +196,21 @@ def test_moe_model_loss_is_ce_plus_weighted_aux_and_reported():
     assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
 
 
+def test_moe_aux_losses_without_targets_are_computed_on_access_and_differentiable():
+    model = make("moe").eval()  # eval: no jitter, so both calls route the same way
+    ids = torch.randint(0, 61, (2, 16))
+    with_targets = model(ids, targets=ids).aux_losses
+    out = model(ids)
+    assert out.loss is None and callable(out._aux_losses)  # nothing computed yet
+    lazy = out.aux_losses
+    assert set(lazy) == set(with_targets)
+    for name in lazy:
+        torch.testing.assert_close(lazy[name], with_targets[name], rtol=0, atol=0)
+    assert out.aux_losses is lazy  # computed once
+    lazy["load_balance"].backward()
+    assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
 def test_moe_model_trains():
     torch.manual_seed(0)
     model = make("moe").train()

@@ -10,7 +10,9 @@ Shapes: B batch, T tokens, C n_embd, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,12 +40,20 @@ def _compiling() -> bool:
 class CausalLMOutput(tuple):
     """`(logits, loss)`, so `logits, loss = model(...)` unpacks; the rest are attributes:
     `ce_loss` (cross-entropy alone), `aux_losses` (dict of unweighted MoE losses), `moe_stats` (per-layer router
-    statistics), `cache` (the cache passed in, updated)."""
+    statistics), `cache` (the cache passed in, updated). `aux_losses` may be given as a function, called on first
+    access: without targets nothing needs them, and decoding should not pay for them at every step."""
 
-    def __new__(cls, logits, loss, **extras: Any):
+    def __new__(cls, logits, loss, aux_losses: dict | Callable[[], dict] | None = None, **extras: Any):
         out = super().__new__(cls, (logits, loss))
         out.__dict__.update(extras)
+        out._aux_losses = {} if aux_losses is None else aux_losses
         return out
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        if callable(self._aux_losses):
+            self._aux_losses = self._aux_losses()
+        return self._aux_losses
 
     @property
     def logits(self) -> torch.Tensor:
@@ -148,9 +158,12 @@ class EnhancedMiniMaxGPT(nn.Module):
         chunked_loss = loss_chunk_size > 0 and targets is not None
         logits = None if chunked_loss else self.lm_head(x)  # (B, T, V)
 
+        moe_stats = [s for s in stats if s is not None]
         aux_losses, aux_total = {}, None
-        if self.config.use_moe:
-            aux_losses = moe_aux_losses(stats, self.config)
+        if self.config.use_moe and targets is None:
+            aux_losses = functools.partial(moe_aux_losses, moe_stats, self.config)  # on first access
+        elif self.config.use_moe:
+            aux_losses = moe_aux_losses(moe_stats, self.config)
             aux_total = moe_total_aux_loss(aux_losses, self.config)
         ce_loss = loss = None
         if targets is not None:
@@ -164,8 +177,7 @@ class EnhancedMiniMaxGPT(nn.Module):
                 ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                           ignore_index=IGNORE_INDEX)
             loss = ce_loss if aux_total is None else ce_loss + aux_total
-        return CausalLMOutput(logits, loss, ce_loss=ce_loss, aux_losses=aux_losses,
-                              moe_stats=[s for s in stats if s is not None], cache=cache)
+        return CausalLMOutput(logits, loss, aux_losses, ce_loss=ce_loss, moe_stats=moe_stats, cache=cache)
 
     def _check_inputs(self, input_ids, targets, attention_mask, cache):
         if not isinstance(input_ids, torch.Tensor):

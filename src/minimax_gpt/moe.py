@@ -20,8 +20,11 @@ directions are gathers, in forward and backward (`_GatherRows`), never an `index
 under capacity limiting (the cap for a batch without padding) and the largest expert load when dropless (one host sync
 per layer). `dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no sync at all); it is
 verified on CPU (fp32 / bf16) but slower there than bmm. `dispatch="loop"` runs each used expert on its rows with
-`F.linear` (one host sync); "auto" (the default) is the loop for at most LOOP_MAX_ASSIGNMENTS assignments (decoding)
-and bmm above. `moe_forward_reference` is the plain per-expert loop kept for tests.
+`F.linear` (one host sync). "auto" (the default) is bmm, except for at most LOOP_MAX_ASSIGNMENTS assignments without
+a capacity limit to apply (decoding, tiny batches): there each used expert runs on all the rows and its output is
+weighted by each token's combine weight for it (0 where not chosen), which skips the sort and the gathers
+(`_forward_few`); with a capacity limit in training, few assignments take the loop. `moe_forward_reference` is the
+plain per-expert loop kept for tests.
 
 Losses (unweighted; the coefficients live in the config):
   load_balance  E * sum_e f_e * P_e over the non-pad tokens of all layers (Switch / Mixtral, as transformers'
@@ -50,7 +53,7 @@ from torch import nn
 from minimax_gpt.config import MiniMaxConfig
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
-LOOP_MAX_ASSIGNMENTS = 64  # "auto" runs the per-expert loop up to this many (token, expert) assignments
+LOOP_MAX_ASSIGNMENTS = 64  # "auto" dispatch: up to this many (token, expert) assignments take the few-token path
 
 
 @dataclass
@@ -152,6 +155,8 @@ class MoEFeedForward(nn.Module):
         valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
 
         logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
+        if self._few_assignments(A):
+            return self._forward_few(xf, None if token_mask is None else valid, logits, probs, top_w, top_i, B, T)
 
         # --- sort the A assignments by expert, then by descending probability (drop order) ----------------------
         a_expert = torch.where(valid[:, None], top_i, E).reshape(A)  # pads go to a sentinel expert E
@@ -190,6 +195,37 @@ class MoEFeedForward(nn.Module):
             0, e_sorted, keep.float())[:E]
         stats = _make_stats(self, logits, probs, counts[:E].float(), kept, valid, n_valid)
         return y, stats
+
+    def _few_assignments(self, n_assignments: int) -> bool:
+        """Whether "auto" dispatch takes `_forward_few`: a few assignments (decoding, tiny batches) and no capacity
+        limit to apply (eval mode, or dropless)."""
+        return (self.dispatch == "auto" and n_assignments <= LOOP_MAX_ASSIGNMENTS
+                and not (self.training and self.capacity_factor is not None))
+
+    def _forward_few(self, xf, valid, logits, probs, top_w, top_i, B, T):
+        """Dispatch for a few tokens without a capacity limit: every expert that some token chose runs on all N rows
+        (for N this small a matmul costs what one row costs: reading the expert's weights), and its output is weighted
+        by each token's combine weight for it, 0 where the token did not choose it (or is padding). No sort, gather
+        or scatter: about fifteen ops plus seven per used expert, one host sync (which experts are used), and only
+        the used experts' weights are read. Summed in expert order, as `moe_forward_reference`."""
+        E, C = self.num_experts, xf.shape[1]
+        chosen = top_i[..., None] == torch.arange(E, device=xf.device)  # (N, k, E)
+        if valid is not None:
+            chosen = chosen & valid[:, None, None]  # pads choose nothing
+        combine = (top_w[..., None] * chosen).sum(1)  # (N, E) fp32 combine weight of each expert for each token
+        counts = chosen.sum((0, 1), dtype=torch.float32)  # (E,) selections per expert
+        y = None
+        for e in torch.nonzero(counts).flatten().tolist():  # host sync: the used experts
+            h = F.silu(F.linear(xf, self.w1[e].to(xf.dtype))) * F.linear(xf, self.w3[e].to(xf.dtype))  # (N, I)
+            out = F.linear(h, self.w2[e].to(h.dtype))  # (N, C)
+            out = out * combine[:, e, None].to(out.dtype)
+            y = out if y is None else y + out
+        if y is None:  # every token is padding
+            y = xf.new_zeros(xf.shape)
+        if self.layer_scale is not None:
+            y = y * self.layer_scale.to(y.dtype)
+        n_valid = valid.sum() if valid is not None else torch.tensor(xf.shape[0], device=xf.device)
+        return y.view(B, T, C), _make_stats(self, logits, probs, counts, counts, valid, n_valid)
 
     # ------------------------------------------------------------------------------------------------------------
     def _impl(self, x: torch.Tensor, n_assignments: int) -> str:
@@ -365,18 +401,21 @@ def expert_diversity(module: MoEFeedForward) -> torch.Tensor:
 
 
 def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterStats:
-    vf = valid.float()[:, None]
+    """valid (N,) bool, or None when every token is real."""
     z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
-    total = counts.sum()
+    if valid is not None:
+        vf = valid.float()
+        probs, z = probs * vf[:, None], z * vf
+    total = counts.sum().clamp(min=1)
     return RouterStats(
         expert_counts=counts,
-        prob_sum=(probs * vf).sum(0),
-        z_sum=(z * vf[:, 0]).sum(),
+        prob_sum=probs.sum(0),
+        z_sum=z.sum(),
         num_tokens=n_valid.float(),
         # The Gram matrix costs E^2 / (tokens * k) of the experts' forward: computed only when it is trained.
         diversity=expert_diversity(module) if module.diversity_grad else probs.new_zeros(()),
-        load=(counts / total.clamp(min=1)).detach(),
-        dropped_fraction=((total - kept.sum()) / total.clamp(min=1)).detach(),
+        load=(counts / total).detach(),
+        dropped_fraction=probs.new_zeros(()) if kept is counts else ((counts - kept).sum() / total).detach(),
     )
 
 

@@ -147,6 +147,9 @@ def lightning_attn_recurrent(
         state = initial_state.to(cdt)
     outs = []
     with torch.autocast(device_type=q.device.type, enabled=False):  # float32 arithmetic, as the chunked op
+        if T == 1:  # one decoding step: the loop body below without the slicing and the concatenation
+            state = torch.addcmul(kc.mT * vc, state, ratio)  # (B, H, D, Dv)
+            return (qc @ state).to(q.dtype), state
         for t in range(T):
             kv = kc[:, :, t, :, None] * vc[:, :, t, None, :]  # (B, H, D, Dv) = k_t^T v_t
             state = torch.addcmul(kv, state, ratio)
