@@ -235,3 +235,19 @@ def test_bf16_autocast_training_step(name):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_training_forward_compiles_without_graph_breaks(capacity_factor):
+    """torch.compile traces the whole training forward of a hybrid MoE model as one graph. Dropless MoE sizes its
+    expert buffer from the routing: with capture_scalar_outputs that is a data-dependent size, not a break."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = EnhancedMiniMaxGPT(tiny_config("moe", moe_capacity_factor=capacity_factor)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 48))  # 192 assignments: the bmm dispatch
+    dynamo.reset()
+    with dynamo.config.patch(capture_scalar_outputs=capacity_factor is None):
+        explain = dynamo.explain(model)(ids, targets=ids)
+    assert explain.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explain.break_reasons]
+    assert explain.graph_count == 1

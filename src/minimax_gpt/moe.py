@@ -18,7 +18,9 @@ by expert (then by descending probability, which orders the capacity drop), toke
 as one `bmm` per weight over an (E, capacity, C) buffer, and each token reads its k outputs back and sums them. Both
 directions are gathers, in forward and backward (`_GatherRows`), never an `index_add_`. The buffer's capacity is static
 under capacity limiting (the cap for a batch without padding) and the largest expert load when dropless (one host sync
-per layer). `dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no sync at all); it is
+per layer; under `torch.compile` set `torch._dynamo.config.capture_scalar_outputs = True` so that this sync becomes a
+data-dependent size rather than a graph break; with a capacity factor there is nothing to set).
+`dispatch="grouped_mm"` runs `torch._grouped_mm` over the sorted rows instead (no sync at all); it is
 verified on CPU (fp32 / bf16) but slower there than bmm. `dispatch="loop"` runs each used expert on its rows with
 `F.linear` (one host sync). "auto" (the default) is bmm, except for at most LOOP_MAX_ASSIGNMENTS assignments without
 a capacity limit to apply (decoding, tiny batches): there each used expert runs on all the rows and its output is
@@ -293,6 +295,10 @@ class MoEFeedForward(nn.Module):
             cap_buf = min(self.capacity(N), N)
         else:
             cap_buf = int(counts[:E].max())  # host sync: the one allowed per layer
+            if torch.compiler.is_compiling():
+                # with capture_scalar_outputs the sync becomes a data-dependent size; at least 2 lets the compiler
+                # rule out the size-1 broadcasting case it cannot decide
+                cap_buf = max(cap_buf, 2)
         S = E * cap_buf
         slot = torch.where(keep, e_sorted * cap_buf + rank, S)  # (A,) S = nowhere
         rows = torch.full((S + 1,), A, dtype=torch.long, device=xf.device)
@@ -396,8 +402,8 @@ def expert_diversity(module: MoEFeedForward) -> torch.Tensor:
     gram = sum(w.reshape(E, -1).float() @ w.reshape(E, -1).float().t() for w in (module.w1, module.w3, module.w2))
     norm = torch.diagonal(gram).clamp(min=1e-12).sqrt()  # (E,)
     cos = gram / (norm[:, None] * norm[None, :])  # (E, E)
-    off = ~torch.eye(E, dtype=torch.bool, device=cos.device)
-    return cos[off].pow(2).mean()
+    off = 1 - torch.eye(E, dtype=cos.dtype, device=cos.device)  # a mask product, not cos[mask]: no data-dependent shape
+    return (cos * off).pow(2).sum() / (E * (E - 1))
 
 
 def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterStats:

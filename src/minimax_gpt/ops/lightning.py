@@ -328,7 +328,7 @@ def _fused_forward(
         states = kv.new_empty(kv.shape)  # (B, H, n, D, Dv)
         states[:, :, 0] = state
         for i in range(1, n):
-            torch.addcmul(kv[:, :, i - 1], states[:, :, i - 1], cd, out=states[:, :, i])
+            states[:, :, i] = torch.addcmul(kv[:, :, i - 1], states[:, :, i - 1], cd)  # (no out=: torch.compile)
         state = torch.addcmul(kv[:, :, n - 1], states[:, :, n - 1], cd)  # (B, H, D, Dv)
         if keep_states:
             kept.append(states)
@@ -382,7 +382,7 @@ class _LightningChunked(torch.autograd.Function):
             grads_after = u.new_empty(u.shape)  # (B, H, n, D, Dv)
             grads_after[:, :, n - 1] = G
             for i in range(n - 1, 0, -1):
-                torch.addcmul(u[:, :, i], grads_after[:, :, i], cd, out=grads_after[:, :, i - 1])
+                grads_after[:, :, i - 1] = torch.addcmul(u[:, :, i], grads_after[:, :, i], cd)
             G = torch.addcmul(u[:, :, 0], grads_after[:, :, 0], cd)  # entering the segment
 
             scores = (qb @ kb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c), recomputed
