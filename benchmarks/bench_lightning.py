@@ -2,6 +2,8 @@
 
 At B=1, H=8, D=64, fp32, for each thread count and sequence length, times forward+backward of
   - fused:    lightning_attn_chunked(..., backward="fused"), the hand-written chunked backward;
+  - packed:   lightning_attn_chunked_packed, the same op as the layer calls it (q, k, v read from the projection's
+              (B, H, T, 3D) view, gradient written into its layout: no concatenation or transpose copies);
   - autograd: lightning_attn_chunked(..., backward="autograd"), the block form under plain autograd;
   - sdpa:     F.scaled_dot_product_attention(is_causal=True);
 plus the chunked forward alone (no grad) and a 1024^3 fp32 matmul, the throughput reference.
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimax_gpt.ops import lightning_attn_chunked, lightning_slopes
+from minimax_gpt.ops import lightning_attn_chunked, lightning_attn_chunked_packed, lightning_slopes
 
 B, H, D = 1, 8, 64
 
@@ -47,6 +49,7 @@ def chunk_flops(T: int, C: int) -> dict[str, float]:
     return {
         "fwd": n * per_chunk_fwd,
         "fused": n * (per_chunk_fwd + per_chunk_fused_bwd),
+        "packed": n * (per_chunk_fwd + per_chunk_fused_bwd),
         "autograd": n * 3 * per_chunk_fwd,
     }
 
@@ -76,6 +79,12 @@ def make_cases(T: int, chunk_size: int, contiguous: bool) -> dict:
 
         return run
 
+    def packed():
+        """What the layer calls: the packed op on the (B, H, T, 3D) view, dqkv written in the projection's layout."""
+        out, _ = lightning_attn_chunked_packed(qkv.transpose(1, 2), slopes, chunk_size=chunk_size)
+        out.backward(grad_out)
+        clear()
+
     def chunked_fwd():
         with torch.no_grad():
             lightning_attn_chunked(*inputs(), slopes, chunk_size=chunk_size)
@@ -87,6 +96,7 @@ def make_cases(T: int, chunk_size: int, contiguous: bool) -> dict:
     a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     return {
         "fused": chunked("fused"),
+        "packed": packed,
         "autograd": chunked("autograd"),
         "fwd": chunked_fwd,
         "sdpa": sdpa,
@@ -131,13 +141,13 @@ def main() -> None:
         "rows": [],
         "summary": [],
     }
-    repeats = {"fused": args.repeats, "autograd": args.repeats, "fwd": args.repeats, "gemm": args.repeats,
+    repeats = {"fused": args.repeats, "packed": args.repeats, "autograd": args.repeats, "fwd": args.repeats, "gemm": args.repeats,
                "sdpa": args.sdpa_repeats}
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n== {threads} thread(s), fwd+bwd ms as median (min); GF/s from the median ==")
-        print(f"{'T':>6} {'fused':>15} {'autograd':>15} {'sdpa':>17} {'fwd only':>13} {'sdpa/fused':>10} "
-              f"{'auto/fused':>10} {'fused GF/s':>10} {'gemm GF/s':>9} {'% gemm':>6} {'load':>5}")
+        print(f"{'T':>6} {'fused':>15} {'packed':>15} {'autograd':>15} {'sdpa':>17} {'fwd only':>13} {'sdpa/fused':>10} "
+              f"{'auto/fused':>10} {'fused GF/s':>10} {'gemm GF/s':>9} {'% gemm':>6} {'packed %':>8} {'load':>5}")
         rows = []
         for T in args.seq_lens:
             times = interleaved(make_cases(T, args.chunk_size, args.contiguous), repeats, args.warmup)
@@ -148,7 +158,7 @@ def main() -> None:
             row = {
                 "threads": threads, "T": T, "median_s": med, "min_s": low, "flops": flops,
                 "gemm_gflops": gemm_gflops,
-                "gflops": {k: flops[k] / med[k] / 1e9 for k in ("fused", "autograd", "fwd")},
+                "gflops": {k: flops[k] / med[k] / 1e9 for k in ("fused", "packed", "autograd", "fwd")},
                 "loadavg_1min": os.getloadavg()[0],
             }
             row["pct_of_gemm"] = {k: 100 * g / gemm_gflops for k, g in row["gflops"].items()}
@@ -158,15 +168,16 @@ def main() -> None:
             def cell(k, w):
                 return f"{med[k] * 1e3:.1f} ({low[k] * 1e3:.1f})".rjust(w)
 
-            print(f"{T:>6} {cell('fused', 15)} {cell('autograd', 15)} {cell('sdpa', 17)} {cell('fwd', 13)} "
+            print(f"{T:>6} {cell('fused', 15)} {cell('packed', 15)} {cell('autograd', 15)} {cell('sdpa', 17)} {cell('fwd', 13)} "
                   f"{med['sdpa'] / med['fused']:10.1f} {med['autograd'] / med['fused']:10.2f} "
                   f"{row['gflops']['fused']:10.1f} {gemm_gflops:9.1f} {row['pct_of_gemm']['fused']:6.0f} "
+                  f"{row['pct_of_gemm']['packed']:8.0f} "
                   f"{row['loadavg_1min']:5.1f}", flush=True)
 
         by_t = {r["T"]: r for r in rows}
         summary = {"threads": threads}
         lo, hi = min(by_t), max(by_t)
-        for name in ("fused", "autograd"):
+        for name in ("fused", "packed", "autograd"):
             summary[f"{name}_growth_{hi}_over_{lo}"] = {
                 "median": by_t[hi]["median_s"][name] / by_t[lo]["median_s"][name],
                 "min": by_t[hi]["min_s"][name] / by_t[lo]["min_s"][name],
@@ -176,7 +187,7 @@ def main() -> None:
             summary["pct_of_gemm_at_8192"] = by_t[8192]["pct_of_gemm"]
             summary["pct_of_gemm_at_8192_from_min"] = {
                 k: 100 * by_t[8192]["flops"][k] / by_t[8192]["min_s"][k] / (2 * 1024**3 / by_t[8192]["min_s"]["gemm"])
-                for k in ("fused", "autograd", "fwd")
+                for k in ("fused", "packed", "autograd", "fwd")
             }
         results["summary"].append(summary)
         g = summary[f"fused_growth_{hi}_over_{lo}"]
@@ -184,7 +195,9 @@ def main() -> None:
               f"sdpa/fused at {hi}: {summary[f'sdpa_over_fused_at_{hi}']:.1f}x", end="")
         if 8192 in by_t:
             print(f"; fused at 8192: {summary['pct_of_gemm_at_8192']['fused']:.0f}% of matmul GF/s "
-                  f"({summary['pct_of_gemm_at_8192_from_min']['fused']:.0f}% from minima)", end="")
+                  f"({summary['pct_of_gemm_at_8192_from_min']['fused']:.0f}% from minima); packed (the layer's "
+                  f"call): {summary['pct_of_gemm_at_8192']['packed']:.0f}% "
+                  f"({summary['pct_of_gemm_at_8192_from_min']['packed']:.0f}%)", end="")
         print(flush=True)
         results["loadavg_end"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)

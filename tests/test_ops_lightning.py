@@ -5,6 +5,7 @@ import torch
 
 from minimax_gpt.ops import (
     lightning_attn_chunked,
+    lightning_attn_chunked_packed,
     lightning_attn_naive,
     lightning_attn_recurrent,
     lightning_slopes,
@@ -343,3 +344,58 @@ def test_autocast_does_not_change_the_op(backward):
     for a, b in zip(*results):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def square_inputs(T, dtype, with_state):
+    """make_inputs with Dv == D, as packing needs: v and the state get D columns."""
+    q, k, _, _ = make_inputs(T, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(q.shape, generator=g, dtype=F64).to(dtype)
+    s0 = torch.randn(B, H, D, D, generator=g, dtype=F64) if with_state else None
+    return q, k, v, s0
+
+
+def packed(q, k, v, slopes, initial_state=None, chunk_size=64):
+    """The packed op called as the layer calls it: q, k, v side by side in a (B, T, H, 3D) tensor, viewed as
+    (B, H, T, 3D). Gradients reach q, k, v through the concatenation."""
+    qkv = torch.cat([q, k, v], dim=-1).transpose(1, 2).contiguous().transpose(1, 2)
+    out, state = lightning_attn_chunked_packed(qkv, slopes, initial_state, chunk_size=chunk_size)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) in memory: the layer's reshape is a view
+    return out, state
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("chunk_size", [16, 64, 256])
+def test_packed_matches_oracle_fp64(T, with_state, chunk_size):
+    q, k, v, s0 = square_inputs(T, F64, with_state)
+    ref = run_with_grads(lightning_attn_naive, q, k, v, s0)
+    got = run_with_grads(packed, q, k, v, s0, chunk_size=chunk_size)
+    for a, e in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        assert_exact(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_equals_unpacked(dtype):
+    """Same arithmetic as lightning_attn_chunked on separate q, k, v: equal outputs, states and gradients, with and
+    without grad, in float32 and bf16 (where the gradients come back in bf16)."""
+    q, k, v, s0 = square_inputs(300, dtype, True)
+    ref = run_with_grads(lightning_attn_chunked, q, k, v, s0, chunk_size=64)
+    got = run_with_grads(packed, q, k, v, s0, chunk_size=64)
+    for a, e in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    with torch.no_grad():
+        out, state = packed(q, k, v, SLOPES, s0, chunk_size=64)
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(state, ref[1], rtol=0, atol=0)
+
+
+def test_packed_input_validation():
+    qkv = torch.randn(1, 2, 5, 7)
+    with pytest.raises(ValueError, match="3D"):
+        lightning_attn_chunked_packed(qkv, torch.ones(2))
+    with pytest.raises(ValueError, match="chunk_size"):
+        lightning_attn_chunked_packed(torch.randn(1, 2, 5, 6), torch.ones(2), chunk_size=0)
+    with pytest.raises(ValueError, match="slopes"):
+        lightning_attn_chunked_packed(torch.randn(1, 2, 5, 6), torch.ones(3))

@@ -20,7 +20,8 @@ from torch import nn
 from minimax_gpt.config import MiniMaxConfig
 from minimax_gpt.context import ForwardContext
 from minimax_gpt.norm import RMSNorm
-from minimax_gpt.ops.lightning import lightning_attn_chunked, lightning_attn_recurrent, lightning_slopes
+from minimax_gpt.ops.lightning import (lightning_attn_chunked, lightning_attn_chunked_packed,
+                                       lightning_attn_recurrent, lightning_slopes)
 from minimax_gpt.rotary import apply_rotary
 
 
@@ -45,15 +46,21 @@ class LightningAttention(nn.Module):
         qkv = F.silu(self.qkv_proj(x))  # (B, T, 3*H*D)
         if ctx.token_mask is not None:
             qkv = qkv * ctx.token_mask[..., None].to(qkv.dtype)
-        q, k, v = qkv.view(B, T, H, 3 * D).transpose(1, 2).split(D, dim=-1)  # 3 x (B, H, T, D), views
-        if self.use_rope:
-            cos, sin = ctx.rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D), a view
         state = ctx.cache.states[self.layer_idx] if ctx.cache is not None else None
-        if state is not None and T == 1:
-            o, state = lightning_attn_recurrent(q, k, v, self.slopes, initial_state=state)
-        else:
-            o, state = lightning_attn_chunked(q, k, v, self.slopes, initial_state=state, chunk_size=self.chunk_size)
+        if self.use_rope or (state is not None and T == 1):
+            q, k, v = heads.split(D, dim=-1)  # 3 x (B, H, T, D), views
+            if self.use_rope:
+                cos, sin = ctx.rope
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if state is not None and T == 1:
+                o, state = lightning_attn_recurrent(q, k, v, self.slopes, initial_state=state)
+            else:
+                o, state = lightning_attn_chunked(q, k, v, self.slopes, initial_state=state,
+                                                  chunk_size=self.chunk_size)
+        else:  # no rotation: the packed op reads q, k, v in place and writes dqkv in the projection's layout
+            o, state = lightning_attn_chunked_packed(heads, self.slopes, initial_state=state,
+                                                     chunk_size=self.chunk_size)
         if ctx.cache is not None:
             ctx.cache.states[self.layer_idx] = state
         o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)

@@ -2,6 +2,7 @@
 
 from minimax_gpt.ops.lightning import (
     lightning_attn_chunked,
+    lightning_attn_chunked_packed,
     lightning_attn_naive,
     lightning_attn_recurrent,
     lightning_slopes,
@@ -9,6 +10,7 @@ from minimax_gpt.ops.lightning import (
 
 __all__ = [
     "lightning_attn_chunked",
+    "lightning_attn_chunked_packed",
     "lightning_attn_naive",
     "lightning_attn_recurrent",
     "lightning_slopes",

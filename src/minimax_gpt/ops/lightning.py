@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "lightning_attn_chunked",
+    "lightning_attn_chunked_packed",
     "lightning_attn_naive",
     "lightning_attn_recurrent",
     "lightning_slopes",
@@ -289,10 +290,11 @@ def _gather(x: torch.Tensor, start: int, n: int, c: int, dtype: torch.dtype) -> 
     return block.contiguous().unflatten(2, (n, c))
 
 
-def _put(dst: torch.Tensor, start: int, block: torch.Tensor) -> torch.Tensor:
-    """Write a (B, H, n, c, D) block into dst[:, :, start : start + n c] (casting), or return it if it is all of dst."""
+def _put(dst: torch.Tensor, start: int, block: torch.Tensor, replace: bool = True) -> torch.Tensor:
+    """Write a (B, H, n, c, D) block into dst[:, :, start : start + n c] (casting), or return it if it is all of dst
+    and `replace` (dst is our own buffer, not one the caller gave to be written into)."""
     flat = block.flatten(2, 3)  # (B, H, n c, D)
-    if flat.shape == dst.shape and flat.dtype == dst.dtype:
+    if replace and flat.shape == dst.shape and flat.dtype == dst.dtype:
         return flat
     dst[:, :, start : start + flat.shape[2]].copy_(flat)
     return dst
@@ -306,14 +308,18 @@ def _fused_forward(
     initial_state: torch.Tensor | None,
     chunk_size: int,
     keep_states: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Forward of the block form; returns (out, final_state, the states entering each chunk per segment)."""
+    """Forward of the block form; returns (out, final_state, the states entering each chunk per segment).
+    out: a (B, H, T, Dv) buffer of any strides to write into (default: a new contiguous one)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     cdt = _state_dtype(q.dtype)
     lam = slopes.detach().to(device=q.device, dtype=cdt).view(H, 1, 1)  # (H, 1, 1)
     state = q.new_zeros((B, H, D, Dv), dtype=cdt) if initial_state is None else initial_state.detach().to(cdt)
-    out = v.new_empty((B, H, T, Dv))  # (B, H, T, Dv), input dtype
+    own = out is None
+    if own:
+        out = v.new_empty((B, H, T, Dv))  # (B, H, T, Dv), input dtype
     kept = []
     decays = {}
     for start, n, c in _segments(q.shape, chunk_size):
@@ -335,7 +341,7 @@ def _fused_forward(
 
         scores = (qb @ kb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c)
         ob = (scores @ vb).addcmul_(qb @ states, qd)  # (B, H, n, c, Dv)
-        out = _put(out, start, ob)
+        out = _put(out, start, ob, own)
     if T == 0:
         state = state.clone()  # never hand back the caller's tensor as a new output
     return out, state, kept
@@ -358,42 +364,116 @@ class _LightningChunked(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_state):
         q, k, v, slopes, *kept = ctx.saved_tensors
-        B, H, T, D = q.shape
-        Dv = v.shape[-1]
-        cdt = _state_dtype(q.dtype)
-        lam = slopes.to(device=q.device, dtype=cdt).view(H, 1, 1)  # (H, 1, 1)
-        # G: gradient w.r.t. the state leaving the current chunk, scanned from the end.
-        G = q.new_zeros((B, H, D, Dv), dtype=cdt) if d_state is None else d_state.to(cdt)
-        dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-        decays = {}
-        for (start, n, c), states in reversed(list(zip(_segments(q.shape, ctx.chunk_size), kept))):
-            if c not in decays:
-                decays[c] = _chunk_decays(lam, c)
-            mask, qd, kd, cd = decays[c]
-            mask, qd, kd = mask.unsqueeze(1), qd.unsqueeze(1), kd.unsqueeze(1)
-            qb, kb, vb = (_gather(x, start, n, c, cdt) for x in (q, k, v))  # (B, H, n, c, D|Dv)
-            if d_out is None:
-                dob = vb.new_zeros(vb.shape)
-            else:
-                dob = _gather(d_out, start, n, c, cdt)  # (B, H, n, c, Dv)
+        dq, dk, dv, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, ctx.chunk_size, ctx.state_dtype)
+        return dq, dk, dv, None, d_init, None
 
-            # Gradients w.r.t. the states leaving each chunk: G_{n-1} = G, G_{i-1} = cd G_i + q_i^T (qd * do_i).
-            u = qb.transpose(-1, -2) @ (dob * qd)  # (B, H, n, D, Dv)
-            grads_after = u.new_empty(u.shape)  # (B, H, n, D, Dv)
-            grads_after[:, :, n - 1] = G
-            for i in range(n - 1, 0, -1):
-                grads_after[:, :, i - 1] = torch.addcmul(u[:, :, i], grads_after[:, :, i], cd)
-            G = torch.addcmul(u[:, :, 0], grads_after[:, :, 0], cd)  # entering the segment
 
-            scores = (qb @ kb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c), recomputed
-            dvb = (scores.transpose(-1, -2) @ dob).addcmul_(kb @ grads_after, kd)  # (B, H, n, c, Dv)
-            dscores = (dob @ vb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c)
-            dqb = (dscores @ kb).addcmul_(dob @ states.transpose(-1, -2), qd)  # (B, H, n, c, D)
-            dkb = (dscores.transpose(-1, -2) @ qb).addcmul_(vb @ grads_after.transpose(-1, -2), kd)
-            dq, dk, dv = _put(dq, start, dqb), _put(dk, start, dkb), _put(dv, start, dvb)
+def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dtype, grads=None):
+    """Gradients (dq, dk, dv, d_initial_state) of the block form, from the per-chunk states the forward kept.
+    grads: (dq, dk, dv) buffers of any strides to write into (default: new contiguous ones)."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    cdt = _state_dtype(q.dtype)
+    lam = slopes.to(device=q.device, dtype=cdt).view(H, 1, 1)  # (H, 1, 1)
+    # G: gradient w.r.t. the state leaving the current chunk, scanned from the end.
+    G = q.new_zeros((B, H, D, Dv), dtype=cdt) if d_state is None else d_state.to(cdt)
+    own = grads is None
+    dq, dk, dv = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)) if own else grads
+    decays = {}
+    for (start, n, c), states in reversed(list(zip(_segments(q.shape, chunk_size), kept))):
+        if c not in decays:
+            decays[c] = _chunk_decays(lam, c)
+        mask, qd, kd, cd = decays[c]
+        mask, qd, kd = mask.unsqueeze(1), qd.unsqueeze(1), kd.unsqueeze(1)
+        qb, kb, vb = (_gather(x, start, n, c, cdt) for x in (q, k, v))  # (B, H, n, c, D|Dv)
+        if d_out is None:
+            dob = vb.new_zeros(vb.shape)
+        else:
+            dob = _gather(d_out, start, n, c, cdt)  # (B, H, n, c, Dv)
 
-        d_init = None if ctx.state_dtype is None else G.to(ctx.state_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_init, None
+        # Gradients w.r.t. the states leaving each chunk: G_{n-1} = G, G_{i-1} = cd G_i + q_i^T (qd * do_i).
+        u = qb.transpose(-1, -2) @ (dob * qd)  # (B, H, n, D, Dv)
+        grads_after = u.new_empty(u.shape)  # (B, H, n, D, Dv)
+        grads_after[:, :, n - 1] = G
+        for i in range(n - 1, 0, -1):
+            grads_after[:, :, i - 1] = torch.addcmul(u[:, :, i], grads_after[:, :, i], cd)
+        G = torch.addcmul(u[:, :, 0], grads_after[:, :, 0], cd)  # entering the segment
+
+        scores = (qb @ kb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c), recomputed
+        dvb = (scores.transpose(-1, -2) @ dob).addcmul_(kb @ grads_after, kd)  # (B, H, n, c, Dv)
+        dscores = (dob @ vb.transpose(-1, -2)).mul_(mask)  # (B, H, n, c, c)
+        dqb = (dscores @ kb).addcmul_(dob @ states.transpose(-1, -2), qd)  # (B, H, n, c, D)
+        dkb = (dscores.transpose(-1, -2) @ qb).addcmul_(vb @ grads_after.transpose(-1, -2), kd)
+        dq, dk, dv = _put(dq, start, dqb, own), _put(dk, start, dkb, own), _put(dv, start, dvb, own)
+
+    d_init = None if state_dtype is None else G.to(state_dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
+
+
+def lightning_attn_chunked_packed(
+    qkv: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lightning_attn_chunked`` (fused backward) for the layer's packed projection, without the layout copies.
+
+    qkv (B, H, T, 3D): the head-major view ``silu(x W_qkv^T).view(B, T, H, 3D).transpose(1, 2)``, read as
+    [q | k | v] along the last dim. Returns out (B, H, T, D), stored as (B, T, H, D) so that
+    ``out.transpose(1, 2).reshape(B, T, H * D)`` is a view, and the final state. The gradient of qkv is written
+    straight into the projection's (B, T, H, 3D) layout, where separate q, k, v inputs would have their gradients
+    concatenated and then transposed (two more copies of q, k and v per backward). Same values as
+    ``lightning_attn_chunked(*qkv.split(D, -1), ...)``.
+    """
+    if qkv.dim() != 4 or qkv.shape[-1] % 3 != 0:
+        raise ValueError(f"qkv must have shape (B, H, T, 3D), got {tuple(qkv.shape)}")
+    q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+    _check_inputs(q, k, v, slopes, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if qkv.is_cuda:
+        _log_cuda_fallback_once()
+    grad_wanted = torch.is_grad_enabled() and (qkv.requires_grad or (
+        initial_state is not None and initial_state.requires_grad))
+    if slopes.requires_grad:
+        raise ValueError("lightning_attn_chunked_packed gives no gradient for slopes (fixed decay rates); pass slopes "
+                         "without requires_grad, or use lightning_attn_chunked(backward='autograd')")
+    with torch.autocast(device_type=qkv.device.type, enabled=False):
+        if grad_wanted:
+            return _LightningChunkedPacked.apply(qkv, slopes, initial_state, chunk_size)
+        out, state, _ = _fused_forward(q, k, v, slopes, initial_state, chunk_size, False, _packed_out(qkv))
+        return out, state
+
+
+def _packed_out(qkv: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, T, D) output stored as (B, T, H, D)."""
+    B, H, T, D3 = qkv.shape
+    return qkv.new_empty((B, T, H, D3 // 3)).transpose(1, 2)
+
+
+class _LightningChunkedPacked(torch.autograd.Function):
+    """_LightningChunked on the packed qkv: the same forward and backward, other buffers."""
+
+    @staticmethod
+    def forward(ctx, qkv, slopes, initial_state, chunk_size):
+        q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
+        out, state, kept = _fused_forward(q, k, v, slopes, initial_state, chunk_size, True, _packed_out(qkv))
+        ctx.save_for_backward(qkv, slopes, *kept)
+        ctx.chunk_size = chunk_size
+        ctx.state_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return out, state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_state):
+        qkv, slopes, *kept = ctx.saved_tensors
+        B, H, T, D3 = qkv.shape
+        q, k, v = qkv.split(D3 // 3, dim=-1)
+        d_qkv = qkv.new_empty((B, T, H, D3)).transpose(1, 2)  # (B, H, T, 3D) in the projection's layout
+        *_, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, ctx.chunk_size, ctx.state_dtype,
+                                     grads=d_qkv.split(D3 // 3, dim=-1))
+        return d_qkv, None, d_init, None
 
 
 def _chunked_autograd(
