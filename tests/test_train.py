@@ -108,3 +108,22 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     assert math.isfinite(summary["val_loss"])
     recs = _records(out)
     assert math.isnan(recs[1]["loss"]) and recs[-1]["skipped_steps"] == 1
+
+
+def test_keep_checkpoints_prunes_the_oldest_and_resume_still_works(tmp_path):
+    """save_interval 1 writes a checkpoint after every step; keep_checkpoints 2 leaves the newest two, the latest
+    among them, and a resumed run continues from it."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, out)
+    common = ["--train.save_interval", "1", "--train.keep_checkpoints", "2", "--train.sample_tokens", "0"]
+    first = train(load_run_config(cfg, common + ["--train.stop_after", "4"]))
+    assert first["iters"] == 4
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert names == ["latest", "step-000003", "step-000004"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    done = train(load_run_config(cfg, common), resume=True)
+    assert done["completed"] and done["iters"] == 6
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["latest", "step-000005", "step-000006"]  # no hidden leftovers either
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        TrainConfig(keep_checkpoints=-1)

@@ -10,6 +10,8 @@
                               containers only, read with torch.load(weights_only=True)
     out/checkpoints/latest    one line: the name of the newest complete checkpoint
 
+`train.keep_checkpoints = N` keeps the newest N `step-*` directories (`prune_checkpoints`, after each save).
+
 A checkpoint is written into a temporary sibling `.step-000500.tmp-XXXX` and renamed into place when complete; the
 `latest` pointer is replaced (write to a temporary file, os.replace) only after that rename. A write interrupted at any
 point therefore leaves the previous checkpoint, and the pointer to it, intact.
@@ -20,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minimax_gpt.atomic import atomic_directory, atomic_file
+from minimax_gpt.atomic import atomic_directory, atomic_file, fresh_sibling
 from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -72,6 +75,24 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, token
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise OSError(e.errno, f"could not write checkpoint {root / name}: {e.strerror or e}; {kept}") from e
     return path
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` `step-N` checkpoints of `out_dir` (by step; the one `latest` names is always
+    kept); returns the deleted paths. keep = 0 keeps everything. Each directory is first renamed to a hidden sibling,
+    so no half-deleted directory is ever left under a checkpoint's name."""
+    if keep <= 0:
+        return []
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    latest = latest_checkpoint(out_dir)
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    doomed = [p for p in steps[:-keep] if latest is None or p.name != latest.name]
+    for path in doomed:
+        trash = fresh_sibling(path, "deleted")
+        os.replace(path, trash / path.name)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

@@ -106,6 +106,7 @@ class TrainConfig:
     eval_interval: int = 250  # steps between validations; 0 = only at the end
     eval_batches: int = 200  # validation batches (phase batch_size x seq_len windows) per evaluation
     save_interval: int = 0  # steps between extra checkpoints; 0 = phase boundaries and the end only
+    keep_checkpoints: int = 0  # keep only the newest N step-* checkpoints (deleted after each save); 0 = keep all
     stop_after: int | None = None  # stop (with a checkpoint) after this global step, as if interrupted
     tensorboard: bool = True  # when torch.utils.tensorboard imports (logged once when it does not)
     progress: bool = True  # tqdm progress bar on stderr
@@ -125,8 +126,8 @@ class TrainConfig:
         for name in ("grad_accum_steps", "log_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("threads", "loss_chunk_size", "eval_interval", "save_interval", "sample_tokens",
-                     "max_bad_steps"):
+        for name in ("threads", "loss_chunk_size", "eval_interval", "save_interval", "keep_checkpoints",
+                     "sample_tokens", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "sample_temperature"):

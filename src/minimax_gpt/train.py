@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, load_weights, resolve_checkpoint,
-                                    save_training_checkpoint)
+from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, load_weights, prune_checkpoints,
+                                    resolve_checkpoint, save_training_checkpoint)
 from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
@@ -362,6 +362,9 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
         else:
             path = save_training_checkpoint(out_dir, progress.step, model, tokenizer, trainer_state, run_dict)
         logger.info("saved checkpoint %s", path)
+        if dctx.is_main:  # every rank has finished writing: the distributed save ends with a barrier
+            for old in prune_checkpoints(out_dir, tc.keep_checkpoints):
+                logger.info("deleted checkpoint %s (train.keep_checkpoints = %d)", old, tc.keep_checkpoints)
         last_saved[0] = path
         return path
 
