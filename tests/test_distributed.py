@@ -48,8 +48,29 @@ def _run(config: Path, out_dir: Path, *overrides: str, resume=False):
 def _worker(rank: int, world: int, port: int, jobs: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    for config, out_dir, overrides, resume in jobs:
+    for config, out_dir, overrides, resume, *sigterm in jobs:
+        if sigterm and sigterm[0][0] == rank:  # (rank, n): this rank receives SIGTERM during its n-th training step
+            _sigterm_during_step(sigterm[0][1])
         _run(Path(config), Path(out_dir), *overrides, resume=resume)
+
+
+def _sigterm_during_step(n: int) -> None:
+    """SIGTERM to this process from inside its n-th training forward (the model class is patched in this worker
+    process only)."""
+    import signal
+
+    from minimax_gpt import EnhancedMiniMaxGPT
+
+    original, calls = EnhancedMiniMaxGPT.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    EnhancedMiniMaxGPT.forward = forward
 
 
 def _spawn(jobs: list) -> None:
@@ -65,7 +86,7 @@ def runs(tmp_path_factory):
     dense = ["--model.use_moe", "false"]
     accum = ["--train.grad_accum_steps", "2"]
     out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ddp", "fsdp", "fsdp_dense", "ddp_accum",
-                                          "fsdp_resume", "fsdp_from_plain", "one_from_fsdp")}
+                                          "fsdp_resume", "fsdp_from_plain", "one_from_fsdp", "ddp_sigterm")}
     _run(config, out["ref"])
     _run(config, out["ref_dense"], *dense)
     _run(config, out["ref_accum"], *accum)
@@ -78,6 +99,8 @@ def runs(tmp_path_factory):
         # a 2-rank distributed checkpoint resumed on 2 ranks, and a plain 1-process checkpoint resumed on 2 ranks
         (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
         (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(out["ref"] / step3)),
+        # SIGTERM reaches rank 1 only, during step 2
+        (config, out["ddp_sigterm"], ["--train.parallel", "ddp"], False, (1, 2)),
     ])
     # the 2-rank distributed checkpoint resumed by one process without a process group
     _run(config, out["one_from_fsdp"], resume=out["fsdp"] / step3)
@@ -133,6 +156,17 @@ def test_distributed_checkpoint_converts_to_the_plain_format(runs, tmp_path):
                                reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(a, c, rtol=0, atol=2e-5, msg=name)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(runs):
+    """Rank 1 alone gets SIGTERM during step 2: both ranks finish step 2, save one checkpoint together and leave (a
+    rank stopping alone would leave the other waiting in a collective: this test would hang)."""
+    out = runs["ddp_sigterm"]
+    summary = json.loads((out / "summary.json").read_text())  # written by rank 0, which got no signal itself
+    assert summary["iters"] == 2 and summary["interrupted"] == "a signal to another rank"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    _assert_same(_losses(out), _losses(runs["ref"]), steps={1, 2})
+    assert max(step for _, step in _losses(out)) == 2
 
 
 def test_config_errors(tmp_path, monkeypatch):

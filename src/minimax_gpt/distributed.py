@@ -159,6 +159,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is True on any rank (a MAX all-reduce): ranks decide together, e.g. to stop
+    when a signal reached only some of them, or at different steps. `flag` itself without a group."""
+    if not ctx.enabled or ctx.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without a group."""
     if not ctx.enabled or ctx.world_size == 1:

@@ -48,7 +48,7 @@ from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, l
 from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
-from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, evaluate_sharded,
+from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, any_rank, evaluate_sharded,
                                      main_process_first, parallelize, seed_rank, shard_training_data)
 from minimax_gpt.distributed import setup as setup_distributed
 from minimax_gpt.faults import BadStepTracker, GracefulStop
@@ -389,6 +389,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     model.train()
     stopped = False
     interval_tokens, interval_time = 0, 0.0
+    signal_stop = None  # the signal that stopped the run, agreed by all ranks
     with logging_redirect_tqdm(), GracefulStop() as stop_signal:
         while progress.phase < len(run.phases) and not stopped:
             phase = run.phases[progress.phase]
@@ -452,17 +453,19 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
                         save()
                     logger.info("stopping after step %d (train.stop_after); continue with --resume", progress.step)
                     stopped = True
-                if stop_signal.requested and not stopped:
+                # every rank stops after the same step, also when the signal reached some ranks only (or reached
+                # them during different steps): a rank leaving alone would leave the others waiting in a collective
+                if not stopped and any_rank(stop_signal.requested is not None, dctx):
                     if not saved:
                         save()
-                    logger.info("stopped by %s after step %d; continue with --resume", stop_signal.requested,
-                                progress.step)
+                    signal_stop = stop_signal.requested or "a signal to another rank"
+                    logger.info("stopped by %s after step %d; continue with --resume", signal_stop, progress.step)
                     stopped = True
                 if stopped or progress.phase_step == 0:  # stopped, or the phase just ended
                     break
     bar.close()
 
-    interrupted = stop_signal.requested  # then leave quickly: no final evaluation nor sample
+    interrupted = signal_stop  # then leave quickly: no final evaluation nor sample
     last_phase = run.phases[min(progress.phase, len(run.phases) - 1)]
     if val_data is not None and last_eval.get("step") != progress.step and not interrupted:
         run_eval(last_phase)
