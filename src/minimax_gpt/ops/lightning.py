@@ -264,10 +264,11 @@ def _chunked_dispatch(q, k, v, slopes, initial_state, chunk_size, backward):
 # with M, qd, kd, cd from _chunk_decays. Matmul FLOPs per chunk: forward 2C^2(D + Dv) + 4 C D Dv,
 # backward 2C^2(3D + 2Dv) + 8 C D Dv (the scores q k^T are recomputed rather than saved).
 
-# Elements of one (B, H, tokens, D) block per segment: 2^18 float32 = 1 MiB, so a segment's dozen blocks and
-# scores stay in cache (512 tokens at B*H = 8, D = 64). Measured at T = 16k, B = 1, H = 8, D = 64, 1 thread:
-# fwd+bwd 497 ms with 512-token segments, 572 ms with 2048, 718 ms with one segment (T = 1k: 22-23 ms for all).
-_SEGMENT_ELEMS = 2**18
+# Elements of one (B, H, tokens, D) block per segment: 2^17 float32 = 512 KiB, so a segment's dozen blocks and
+# scores stay in cache (256 tokens at B*H = 8, D = 64). Measured with the packed op (the layer's call), B = 1, H = 8,
+# D = 64, quiet machine, fwd+bwd for segments of 2^16 / 2^17 / 2^18 / 2^19 / 2^20 elements: T = 16k, 1 thread
+# 542 / 457 / 495 / 525 / 581 ms; T = 8k, 2 threads 198 / 154 / 161 / 159 / 163 ms.
+_SEGMENT_ELEMS = 2**17
 
 
 def _segments(shape: tuple[int, ...], chunk_size: int) -> list[tuple[int, int, int]]:
