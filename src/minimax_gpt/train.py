@@ -76,6 +76,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' (with a gradient scaler) needs CUDA; on CPU use 'bf16' or 'fp32'")
+    if name == "bf16" and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        logger.warning("precision bf16 on a CPU without AVX-512 (%s): bf16 matmuls have no hardware path here and "
+                       "run far slower than fp32 (44x for a 2048x256x704 matmul on the 2-core AVX2 machine of "
+                       "docs/performance.md); 'fp32' is the fast choice on this CPU",
+                       torch.backends.cpu.get_cpu_capability())
     return name
 
 
