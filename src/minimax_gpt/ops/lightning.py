@@ -291,6 +291,15 @@ def _gather(x: torch.Tensor, start: int, n: int, c: int, dtype: torch.dtype) -> 
     return block.contiguous().unflatten(2, (n, c))
 
 
+def _gather_qkv(q, k, v, packed, start: int, n: int, c: int, dtype: torch.dtype):
+    """A segment's q, k, v blocks (B, H, n, c, D|Dv). From the packed (B, H, T, 3D) tensor when there is one: a single
+    gather reads each head's [q | k | v] row in one pass and the three blocks are views of it (row stride 3D, which
+    the batched matmuls take as is); else one gather each."""
+    if packed is None:
+        return tuple(_gather(x, start, n, c, dtype) for x in (q, k, v))
+    return _gather(packed, start, n, c, dtype).split(q.shape[-1], dim=-1)
+
+
 def _put(dst: torch.Tensor, start: int, block: torch.Tensor, replace: bool = True) -> torch.Tensor:
     """Write a (B, H, n, c, D) block into dst[:, :, start : start + n c] (casting), or return it if it is all of dst
     and `replace` (dst is our own buffer, not one the caller gave to be written into)."""
@@ -310,9 +319,11 @@ def _fused_forward(
     chunk_size: int,
     keep_states: bool,
     out: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Forward of the block form; returns (out, final_state, the states entering each chunk per segment).
-    out: a (B, H, T, Dv) buffer of any strides to write into (default: a new contiguous one)."""
+    out: a (B, H, T, Dv) buffer of any strides to write into (default: a new contiguous one).
+    packed: the (B, H, T, 3D) tensor q, k, v are views of, to gather them in one pass (`_gather_qkv`)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     cdt = _state_dtype(q.dtype)
@@ -328,7 +339,7 @@ def _fused_forward(
             decays[c] = _chunk_decays(lam, c)
         mask, qd, kd, cd = decays[c]
         mask, qd, kd = mask.unsqueeze(1), qd.unsqueeze(1), kd.unsqueeze(1)  # (H, 1, c, c), (H, 1, c, 1) x2
-        qb, kb, vb = (_gather(x, start, n, c, cdt) for x in (q, k, v))  # (B, H, n, c, D|Dv)
+        qb, kb, vb = _gather_qkv(q, k, v, packed, start, n, c, cdt)  # (B, H, n, c, D|Dv)
 
         # States entering each chunk: S_0 = state, S_i = cd S_{i-1} + k_{i-1}^T (kd * v_{i-1}).
         kv = kb.transpose(-1, -2) @ (vb * kd)  # (B, H, n, D, Dv)
@@ -369,9 +380,10 @@ class _LightningChunked(torch.autograd.Function):
         return dq, dk, dv, None, d_init, None
 
 
-def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dtype, grads=None):
+def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dtype, grads=None, packed=None):
     """Gradients (dq, dk, dv, d_initial_state) of the block form, from the per-chunk states the forward kept.
-    grads: (dq, dk, dv) buffers of any strides to write into (default: new contiguous ones)."""
+    grads: (dq, dk, dv) buffers of any strides to write into (default: new contiguous ones); packed: as in
+    `_fused_forward`."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     cdt = _state_dtype(q.dtype)
@@ -386,7 +398,7 @@ def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dty
             decays[c] = _chunk_decays(lam, c)
         mask, qd, kd, cd = decays[c]
         mask, qd, kd = mask.unsqueeze(1), qd.unsqueeze(1), kd.unsqueeze(1)
-        qb, kb, vb = (_gather(x, start, n, c, cdt) for x in (q, k, v))  # (B, H, n, c, D|Dv)
+        qb, kb, vb = _gather_qkv(q, k, v, packed, start, n, c, cdt)  # (B, H, n, c, D|Dv)
         if d_out is None:
             dob = vb.new_zeros(vb.shape)
         else:
@@ -442,7 +454,7 @@ def lightning_attn_chunked_packed(
     with torch.autocast(device_type=qkv.device.type, enabled=False):
         if grad_wanted:
             return _LightningChunkedPacked.apply(qkv, slopes, initial_state, chunk_size)
-        out, state, _ = _fused_forward(q, k, v, slopes, initial_state, chunk_size, False, _packed_out(qkv))
+        out, state, _ = _fused_forward(q, k, v, slopes, initial_state, chunk_size, False, _packed_out(qkv), qkv)
         return out, state
 
 
@@ -458,7 +470,7 @@ class _LightningChunkedPacked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, slopes, initial_state, chunk_size):
         q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
-        out, state, kept = _fused_forward(q, k, v, slopes, initial_state, chunk_size, True, _packed_out(qkv))
+        out, state, kept = _fused_forward(q, k, v, slopes, initial_state, chunk_size, True, _packed_out(qkv), qkv)
         ctx.save_for_backward(qkv, slopes, *kept)
         ctx.chunk_size = chunk_size
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
@@ -473,7 +485,7 @@ class _LightningChunkedPacked(torch.autograd.Function):
         q, k, v = qkv.split(D3 // 3, dim=-1)
         d_qkv = qkv.new_empty((B, T, H, D3)).transpose(1, 2)  # (B, H, T, 3D) in the projection's layout
         *_, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, ctx.chunk_size, ctx.state_dtype,
-                                     grads=d_qkv.split(D3 // 3, dim=-1))
+                                     grads=d_qkv.split(D3 // 3, dim=-1), packed=qkv)
         return d_qkv, None, d_init, None
 
 
