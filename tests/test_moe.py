@@ -398,3 +398,23 @@ def test_moe_layer_trains_on_copy_task():
         opt.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
+
+
+def test_few_token_path_isolates_tokens_from_experts_they_did_not_choose():
+    """The few-token path runs every used expert on all rows; a row that did not choose an expert must still get an
+    exact 0 from it, even when that expert overflows (inf) on the row, as in fp16. Token A routes to experts 0, 1,
+    token B to 2, 3; expert 2's output weights are inf: B's output is not finite, A's equals the reference's."""
+    m, cfg = make(n_embd=8, n_head=2)
+    m.eval()
+    with torch.no_grad():
+        m.gate.weight.zero_()
+        m.gate.weight[0, 0], m.gate.weight[1, 0] = 10.0, 9.0
+        m.gate.weight[2, 1], m.gate.weight[3, 1] = 10.0, 9.0
+        m.w2[2].fill_(float("inf"))
+    x = torch.zeros(1, 2, 8, dtype=torch.float64)
+    x[0, 0, 0], x[0, 1, 1] = 1.0, 1.0
+    assert m._few_assignments(4)
+    y, _ = m(x)
+    y_ref, _ = moe_forward_reference(m, x)
+    assert torch.isfinite(y[0, 0]).all() and not torch.isfinite(y[0, 1]).all()
+    torch.testing.assert_close(y[0, 0], y_ref[0, 0], rtol=0, atol=1e-12)

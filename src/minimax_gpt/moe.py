@@ -208,7 +208,7 @@ class MoEFeedForward(nn.Module):
         """Dispatch for a few tokens without a capacity limit: every expert that some token chose runs on all N rows
         (for N this small a matmul costs what one row costs: reading the expert's weights), and its output is weighted
         by each token's combine weight for it, 0 where the token did not choose it (or is padding). No sort, gather
-        or scatter: about fifteen ops plus seven per used expert, one host sync (which experts are used), and only
+        or scatter: about fifteen ops plus eight per used expert, one host sync (which experts are used), and only
         the used experts' weights are read. Summed in expert order, as `moe_forward_reference`."""
         E, C = self.num_experts, xf.shape[1]
         chosen = top_i[..., None] == torch.arange(E, device=xf.device)  # (N, k, E)
@@ -220,7 +220,9 @@ class MoEFeedForward(nn.Module):
         for e in torch.nonzero(counts).flatten().tolist():  # host sync: the used experts
             h = F.silu(F.linear(xf, self.w1[e].to(xf.dtype))) * F.linear(xf, self.w3[e].to(xf.dtype))  # (N, I)
             out = F.linear(h, self.w2[e].to(h.dtype))  # (N, C)
-            out = out * combine[:, e, None].to(out.dtype)
+            w = combine[:, e, None]  # (N, 1)
+            # where, not a product: a row that did not choose e adds an exact 0 even if e overflowed on it (fp16)
+            out = torch.where(w > 0, out * w.to(out.dtype), 0.0)
             y = out if y is None else y + out
         if y is None:  # every token is padding
             y = xf.new_zeros(xf.shape)
