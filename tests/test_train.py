@@ -127,3 +127,25 @@ def test_keep_checkpoints_prunes_the_oldest_and_resume_still_works(tmp_path):
     assert names == ["latest", "step-000005", "step-000006"]  # no hidden leftovers either
     with pytest.raises(ValueError, match="keep_checkpoints"):
         TrainConfig(keep_checkpoints=-1)
+
+
+def test_compile_option_compiles_the_training_forward_only(tmp_path, monkeypatch):
+    """train.compile wraps the module the training step calls in torch.compile (recorded here instead of compiling:
+    tests/test_model.py checks that the forward traces as one graph), with dynamo capturing the dropless MoE's
+    data-dependent buffer size; checkpoints still hold the plain model's weights."""
+    import torch._dynamo
+
+    calls = []
+
+    def fake_compile(module, *args, **kwargs):
+        calls.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)
+    out = tmp_path / "out"
+    summary = train(load_run_config(write_config(tmp_path, out), ["--train.compile", "true"]))
+    assert summary["completed"] and len(calls) == 1 and isinstance(calls[0], EnhancedMiniMaxGPT)
+    assert torch._dynamo.config.capture_scalar_outputs  # the tiny config is a dropless MoE
+    model, _ = load_model(out)
+    assert not any("_orig_mod" in k for k in model.state_dict())

@@ -71,6 +71,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def compile_for_training(module: nn.Module, config) -> nn.Module:
+    """`torch.compile(module)` for the training step; checkpoints keep saving the uncompiled model. Dropless MoE sizes
+    its expert buffer from the routing (one `.item()` per layer, minimax_gpt/moe.py): dynamo is told to capture it as
+    a data-dependent size, so the forward stays one graph (tests/test_model.py checks there is no break)."""
+    if config.use_moe and config.moe_capacity_factor is None:
+        torch._dynamo.config.capture_scalar_outputs = True
+        logger.info("torch.compile: capture_scalar_outputs on (dropless MoE sizes its expert buffer from the routing)")
+    return torch.compile(module)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -313,6 +323,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     model_config = run.model_config(vocab_size=tokenizer.vocab_size)
     model = EnhancedMiniMaxGPT(model_config).to(device)
     train_model = parallelize(model, dctx)  # FSDP shards `model` in place; DDP wraps it
+    if tc.compile:
+        train_model = compile_for_training(train_model, model_config)
     seed_rank(tc.seed, dctx)
     train_data = shard_training_data(train_data, run.phases, dctx)
     optimizer = make_optimizer(model, tc, device)
