@@ -154,11 +154,11 @@ class MoEFeedForward(nn.Module):
         E, k = self.num_experts, self.top_k
         N, A = B * T, B * T * k
         xf = x.reshape(N, C)
-        valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
-
         logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
-        if self._few_assignments(A):
-            return self._forward_few(xf, None if token_mask is None else valid, logits, probs, top_w, top_i, B, T)
+        if self._few_assignments(A):  # decoding: no all-True mask to build when there is no padding
+            valid = None if token_mask is None else token_mask.reshape(N)
+            return self._forward_few(xf, valid, logits, probs, top_w, top_i, B, T)
+        valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
 
         # --- sort the A assignments by expert, then by descending probability (drop order) ----------------------
         a_expert = torch.where(valid[:, None], top_i, E).reshape(A)  # pads go to a sentinel expert E

@@ -93,6 +93,11 @@ def _check_inputs(
     return B, H, T, D, Dv
 
 
+def _check_chunk_size(chunk_size) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
 def lightning_attn_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,8 +218,7 @@ def lightning_attn_chunked(
         (B, H, N, C, C) scores); kept as a second reference and for gradients w.r.t. ``slopes``.
     """
     B, H, T, D, Dv = _check_inputs(q, k, v, slopes, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if backward not in ("fused", "autograd"):
         raise ValueError(f"backward must be 'fused' or 'autograd', got {backward!r}")
     if q.is_cuda:
@@ -359,17 +363,21 @@ def _fused_forward(
     return out, state, kept
 
 
+def _save_fused(ctx, tensors, chunk_size: int, initial_state: torch.Tensor | None) -> None:
+    """What the fused backward needs: the inputs as given (views, no copy) and the per-chunk states, not the scores."""
+    ctx.save_for_backward(*tensors)
+    ctx.chunk_size = chunk_size
+    ctx.state_dtype = None if initial_state is None else initial_state.dtype
+    ctx.set_materialize_grads(False)
+
+
 class _LightningChunked(torch.autograd.Function):
     """The block form with a hand-written chunked backward (see the comment block above)."""
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, initial_state, chunk_size):
         out, state, kept = _fused_forward(q, k, v, slopes, initial_state, chunk_size, keep_states=True)
-        # Saved: the inputs as given (views, no copy) and the per-chunk states, not the scores.
-        ctx.save_for_backward(q, k, v, slopes, *kept)
-        ctx.chunk_size = chunk_size
-        ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
+        _save_fused(ctx, (q, k, v, slopes, *kept), chunk_size, initial_state)
         return out, state
 
     @staticmethod
@@ -442,8 +450,7 @@ def lightning_attn_chunked_packed(
         raise ValueError(f"qkv must have shape (B, H, T, 3D), got {tuple(qkv.shape)}")
     q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
     _check_inputs(q, k, v, slopes, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if qkv.is_cuda:
         _log_cuda_fallback_once()
     grad_wanted = torch.is_grad_enabled() and (qkv.requires_grad or (
@@ -471,10 +478,7 @@ class _LightningChunkedPacked(torch.autograd.Function):
     def forward(ctx, qkv, slopes, initial_state, chunk_size):
         q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
         out, state, kept = _fused_forward(q, k, v, slopes, initial_state, chunk_size, True, _packed_out(qkv), qkv)
-        ctx.save_for_backward(qkv, slopes, *kept)
-        ctx.chunk_size = chunk_size
-        ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
+        _save_fused(ctx, (qkv, slopes, *kept), chunk_size, initial_state)
         return out, state
 
     @staticmethod
