@@ -399,3 +399,16 @@ def test_packed_input_validation():
         lightning_attn_chunked_packed(torch.randn(1, 2, 5, 6), torch.ones(2), chunk_size=0)
     with pytest.raises(ValueError, match="slopes"):
         lightning_attn_chunked_packed(torch.randn(1, 2, 5, 6), torch.ones(3))
+
+
+def test_packed_refuses_slopes_gradient_only_when_differentiating():
+    qkv, slopes = torch.randn(1, 2, 5, 6), SLOPES[:2].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="slopes"):
+        lightning_attn_chunked_packed(qkv, slopes)
+    with pytest.raises(ValueError, match="slopes"):
+        lightning_attn_chunked_packed(qkv.requires_grad_(True), slopes)
+    with torch.no_grad():  # nothing is differentiated: the same values as with plain slopes
+        out, state = lightning_attn_chunked_packed(qkv, slopes)
+        ref = lightning_attn_chunked_packed(qkv, slopes.detach())
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(state, ref[1], rtol=0, atol=0)

@@ -453,9 +453,9 @@ def lightning_attn_chunked_packed(
     _check_chunk_size(chunk_size)
     if qkv.is_cuda:
         _log_cuda_fallback_once()
-    grad_wanted = torch.is_grad_enabled() and (qkv.requires_grad or (
-        initial_state is not None and initial_state.requires_grad))
-    if slopes.requires_grad:
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (qkv, slopes, initial_state))
+    if grad_wanted and slopes.requires_grad:  # as lightning_attn_chunked: under no_grad there is nothing to refuse
         raise ValueError("lightning_attn_chunked_packed gives no gradient for slopes (fixed decay rates); pass slopes "
                          "without requires_grad, or use lightning_attn_chunked(backward='autograd')")
     with torch.autocast(device_type=qkv.device.type, enabled=False):
