@@ -85,17 +85,22 @@ def runs(tmp_path_factory):
     config = write_config(tmp, tmp / "unused")
     dense = ["--model.use_moe", "false"]
     accum = ["--train.grad_accum_steps", "2"]
-    out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ddp", "fsdp", "fsdp_dense", "ddp_accum",
-                                          "fsdp_resume", "fsdp_from_plain", "one_from_fsdp", "ddp_sigterm")}
+    freeze = ["--phases.1.freeze", '["wte", "blocks.0"]']  # the tied embedding too; after the step-3 evaluation
+    out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ref_freeze", "ddp", "fsdp", "fsdp_dense",
+                                          "ddp_accum", "ddp_freeze", "fsdp_freeze", "fsdp_resume", "fsdp_from_plain",
+                                          "one_from_fsdp", "ddp_sigterm")}
     _run(config, out["ref"])
     _run(config, out["ref_dense"], *dense)
     _run(config, out["ref_accum"], *accum)
+    _run(config, out["ref_freeze"], *freeze)
     step3 = "checkpoints/step-000003"
     _spawn([
         (config, out["ddp"], ["--train.parallel", "ddp"], False),
         (config, out["fsdp"], ["--train.parallel", "fsdp"], False),
         (config, out["fsdp_dense"], ["--train.parallel", "fsdp", *dense], False),
         (config, out["ddp_accum"], ["--train.parallel", "ddp", *accum], False),
+        (config, out["ddp_freeze"], ["--train.parallel", "ddp", *freeze], False),
+        (config, out["fsdp_freeze"], ["--train.parallel", "fsdp", *freeze], False),
         # a 2-rank distributed checkpoint resumed on 2 ranks, and a plain 1-process checkpoint resumed on 2 ranks
         (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
         (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(out["ref"] / step3)),
@@ -114,6 +119,21 @@ def test_ddp_and_fsdp_follow_the_single_process_loss_curve(runs):
         _assert_same(_losses(runs[name]), ref)  # train losses of all 6 steps and both validations
     _assert_same(_losses(runs["fsdp_dense"]), _losses(runs["ref_dense"]))
     _assert_same(_losses(runs["ddp_accum"]), _losses(runs["ref_accum"]))
+
+
+def test_a_phase_freeze_holds_under_ddp_and_fsdp(runs):
+    """Phase 2 freezes the tied embedding and block 0, right after the step-3 evaluation (after which FSDP2 had left
+    the root's parameters gathered: the freeze then reached copies, and the embedding kept training)."""
+    from minimax_gpt.pretrained import from_pretrained
+
+    want = _losses(runs["ref_freeze"])
+    for name in ("ddp_freeze", "fsdp_freeze"):
+        _assert_same(_losses(runs[name]), want)
+        before, after = (from_pretrained(runs[name] / "checkpoints" / step).state_dict()
+                         for step in ("step-000003", "step-000006"))
+        for key in before:
+            moved = not torch.equal(before[key], after[key])
+            assert moved == (not key.startswith(("wte.", "lm_head.", "blocks.0."))), (name, key)
 
 
 def test_only_rank_zero_writes_and_tokens_are_global(runs):

@@ -288,6 +288,18 @@ def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
     return GlobalBatchLoss(model, ctx, ddp=True)
 
 
+def reshard(model: nn.Module) -> None:
+    """Shard FSDP2 parameters that a forward left gathered. FSDP2 keeps the root module's parameters gathered after
+    a forward for its backward; after an evaluation or sampling forward no backward comes, and until the next
+    training step `model.parameters()` would hand out the gathered tensors, not the sharded parameters the
+    optimizer holds (a `freeze` applied then would miss them) and the full weights would stay in memory."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class GlobalBatchLoss(nn.Module):
     """Wraps the data-parallel model so that each rank's `out.loss` is its share of the *global-batch* loss (module
     docstring): cross-entropy weighted by the rank's share of target tokens, plus the MoE auxiliary losses computed
@@ -303,6 +315,8 @@ class GlobalBatchLoss(nn.Module):
         self._rebuild_if_needed()
 
     def _rebuild_if_needed(self) -> None:
+        """DDP fixes its set of trainable parameters at construction: rebuild it when a phase's freeze changed it.
+        FSDP2 follows requires_grad of the sharded parameters (`reshard` before changing it after an evaluation)."""
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if trainable == self._trainable:
             return
@@ -311,9 +325,6 @@ class GlobalBatchLoss(nn.Module):
 
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self._engine = DDP(self.model, device_ids=ids)
-        elif self._trainable is not None:
-            raise NotImplementedError("changing frozen parameters (phases.N.freeze) between phases is not supported "
-                                      "with train.parallel = 'fsdp'; use 'ddp' for such runs")
         self._trainable = trainable
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **kwargs):

@@ -49,7 +49,7 @@ from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_tr
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
 from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, any_rank, evaluate_sharded,
-                                     main_process_first, parallelize, seed_rank, shard_training_data)
+                                     main_process_first, parallelize, reshard, seed_rank, shard_training_data)
 from minimax_gpt.distributed import setup as setup_distributed
 from minimax_gpt.faults import BadStepTracker, GracefulStop
 from minimax_gpt.model import EnhancedMiniMaxGPT
@@ -393,6 +393,8 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
             loss, n = evaluate_sharded(model, batches, dctx, precision, tc.loss_chunk_size)
         else:
             loss, n = evaluate(model, batches, device, precision, tc.loss_chunk_size)
+        if dctx.parallel == "fsdp":
+            reshard(model)
         last_eval.update(step=progress.step, val_loss=loss, val_tokens=n)
         metrics.write({"kind": "eval", "step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                        "val_tokens": n})
