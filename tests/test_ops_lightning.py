@@ -412,3 +412,26 @@ def test_packed_refuses_slopes_gradient_only_when_differentiating():
         ref = lightning_attn_chunked_packed(qkv, slopes.detach())
     torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
     torch.testing.assert_close(state, ref[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T", [0, 5, 37])
+def test_custom_ops_pass_opcheck(T):
+    """The fused forward/backward are torch.library custom ops (torch.compile calls them instead of tracing the
+    segment loop): opcheck tests their schema, fake (meta) functions, autograd registration and, with dynamic
+    shapes, that the fake outputs match the real ones; with states kept (a backward follows) and without."""
+    B, H, D, C = 2, 3, 8, 16
+    g = torch.Generator().manual_seed(T)
+    slopes = lightning_slopes(H, 0, 4)
+    for init in (None, torch.randn(B, H, D, D, generator=g)):
+        for keep in (True, False):
+            qkv = torch.randn(B, T, H, 3 * D, generator=g).transpose(1, 2).requires_grad_(keep)
+            s0 = None if init is None else init.clone().requires_grad_(keep)
+            torch.library.opcheck(torch.ops.minimax_gpt.lightning_chunked_packed.default, (qkv, slopes, s0, C, keep))
+            q, k, v = (t.detach().contiguous().requires_grad_(keep) for t in qkv.split(D, dim=-1))
+            torch.library.opcheck(torch.ops.minimax_gpt.lightning_chunked.default, (q, k, v, slopes, s0, C, keep))
+
+
+def test_custom_op_refuses_a_backward_without_kept_states():
+    qkv = torch.randn(1, 2, 5, 12).requires_grad_(True)
+    with pytest.raises(ValueError, match="keep_states"):
+        torch.ops.minimax_gpt.lightning_chunked_packed(qkv, SLOPES[:2].float(), None, 4, False)
