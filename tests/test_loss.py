@@ -84,3 +84,28 @@ def test_bf16_autocast_matches_plain_path():
         chunked = model(x, targets=x, loss_chunk_size=7).loss
     # same bf16 logits, same float32 softmax: equal up to float32 summation order
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_logsumexp_matches_torch_including_infinities():
+    from minimax_gpt.loss import _logsumexp_
+
+    inf = float("inf")
+    x = torch.tensor([[0.0, 1.0, 2.0], [1e4, -1e4, 3.0], [-inf, -inf, -inf], [-inf, 0.5, inf], [88.0, 89.0, -inf]])
+    want = torch.logsumexp(x, dim=-1)
+    got = _logsumexp_(x.clone())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_chunk_logits_buffer_is_reused_and_results_do_not_depend_on_it():
+    """Every chunk's logits go into one buffer (no fresh (K, V) tensor per chunk); the last chunk is shorter."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(45, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 30, (45,), generator=g)
+    want = cross_entropy_reference(h, w, t)
+    dh, dw = torch.autograd.grad(want, (h, w))
+    got = chunked_cross_entropy(h, w, t, chunk_size=16)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, dh, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, dw, rtol=1e-12, atol=1e-12)

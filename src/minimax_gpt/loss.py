@@ -56,6 +56,28 @@ def _compute_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.d
     return mm, torch.promote_types(mm, torch.float32)
 
 
+def _logits_buffer(h: torch.Tensor, w: torch.Tensor, K: int, acc_dtype: torch.dtype) -> torch.Tensor | None:
+    """One (K, V) buffer that every chunk's logits are written into when the matmul already gives `acc_dtype`: a fresh
+    (K, V) tensor per chunk costs its page faults each time on CPU (at 256 x 50k, about as much as the softmax)."""
+    if w.dtype != acc_dtype:
+        return None
+    return torch.empty((min(K, h.shape[0]), w.shape[0]), dtype=acc_dtype, device=h.device)
+
+
+def _chunk_logits(h_c: torch.Tensor, w: torch.Tensor, buf: torch.Tensor | None, acc_dtype: torch.dtype) -> torch.Tensor:
+    """h_c (k, C) @ w^T -> (k, V) logits in acc_dtype, in `buf` when there is one (then valid until the next chunk)."""
+    if buf is None:
+        return (h_c @ w.T).to(acc_dtype)
+    return torch.mm(h_c, w.T, out=buf[: h_c.shape[0]])
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(x, -1) computed in place in x (K, V), which is overwritten: no (K, V) temporary."""
+    m = x.amax(dim=-1, keepdim=True)  # (K, 1)
+    m.masked_fill_(m.isinf(), 0.0)  # as torch.logsumexp: a row of -inf gives -inf, one holding +inf gives +inf
+    return x.sub_(m).exp_().sum(dim=-1).log_().add_(m.squeeze(1))
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
@@ -69,11 +91,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(h.shape[0], dtype=acc_dtype, device=h.device)  # (N,)
         total = torch.zeros((), dtype=acc_dtype, device=h.device)
         w = weight.to(mm_dtype)
+        buf = _logits_buffer(h, w, chunk_size, acc_dtype)
         with torch.autocast(device, enabled=False):
             for s in range(0, h.shape[0], chunk_size):
-                logits = (h[s:s + chunk_size].to(mm_dtype) @ w.T).to(acc_dtype)  # (K, V)
-                lse_c = torch.logsumexp(logits, dim=-1)  # (K,)
+                logits = _chunk_logits(h[s:s + chunk_size].to(mm_dtype), w, buf, acc_dtype)  # (K, V)
                 picked = logits.gather(1, t_safe[s:s + chunk_size, None]).squeeze(1)  # (K,)
+                lse_c = _logsumexp_(logits)  # (K,); logits is overwritten
                 total = total + ((lse_c - picked) * valid[s:s + chunk_size]).sum()
                 lse[s:s + chunk_size] = lse_c
         ctx.save_for_backward(hidden, weight, t_safe, valid, lse, n_valid)
@@ -91,18 +114,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                              device=weight.device) if need_w else None
+        buf = _logits_buffer(h, w, K, acc_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, h.shape[0], K):
                 h_c = h[s:s + K].to(mm_dtype)  # (K, C)
-                logits = (h_c @ w.T).to(acc_dtype)  # (K, V), recomputed
-                g = torch.exp(logits - lse[s:s + K, None])  # softmax
+                logits = _chunk_logits(h_c, w, buf, acc_dtype)  # (K, V), recomputed
+                g = logits.sub_(lse[s:s + K, None]).exp_()  # softmax, in place
                 g.scatter_add_(1, t_safe[s:s + K, None], torch.full_like(g[:, :1], -1.0))
-                g = g * (valid[s:s + K, None] * scale)  # d loss / d logits, (K, V)
-                g = g.to(mm_dtype)
+                g = g.mul_(valid[s:s + K, None] * scale).to(mm_dtype)  # d loss / d logits, (K, V)
                 if need_h:
                     grad_h[s:s + K] = (g @ w).to(h.dtype)
                 if need_w:
-                    grad_w += (g.T @ h_c).to(grad_w.dtype)  # (V, C)
+                    if g.dtype == grad_w.dtype:
+                        grad_w.addmm_(g.T, h_c)  # (V, C), accumulated without a (V, C) temporary
+                    else:
+                        grad_w += (g.T @ h_c).to(grad_w.dtype)
         grad_hidden = grad_h.view(hidden.shape) if need_h else None
         grad_weight = grad_w.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None, None
