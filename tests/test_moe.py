@@ -418,3 +418,27 @@ def test_few_token_path_isolates_tokens_from_experts_they_did_not_choose():
     y_ref, _ = moe_forward_reference(m, x)
     assert torch.isfinite(y[0, 0]).all() and not torch.isfinite(y[0, 1]).all()
     torch.testing.assert_close(y[0, 0], y_ref[0, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_grad_few_token_stats_are_deferred_and_equal(masked):
+    """Under no_grad (decoding) the few-token path defers its router statistics until a field is read; they equal the
+    ones computed at once, and behave as a RouterStats (repr, ==, dataclasses.replace)."""
+    import dataclasses
+
+    m, cfg = make()
+    m.eval()
+    x = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = pad_mask(2, 3, [3, 2]) if masked else None
+    assert m._few_assignments(2 * 3 * cfg.moe_top_k)
+    _, eager = m(x, mask)  # grad enabled: computed at once
+    with torch.no_grad():
+        y, deferred = m(x, mask)
+    assert isinstance(deferred, RouterStats) and "_compute" in vars(deferred)  # nothing computed yet
+    for f in dataclasses.fields(RouterStats):
+        torch.testing.assert_close(getattr(deferred, f.name), getattr(eager, f.name).detach(), rtol=0, atol=0)
+    assert "_compute" not in vars(deferred) and "expert_counts" in repr(deferred)
+    replaced = dataclasses.replace(deferred, z_sum=torch.zeros(()))
+    assert isinstance(replaced, RouterStats) and torch.equal(replaced.load, eager.load)
+    aux = moe_aux_losses([deferred], cfg)
+    torch.testing.assert_close(aux["load_balance"], moe_aux_losses([eager], cfg)["load_balance"].detach())
