@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minimax_gpt.hostmem import tune_malloc
 from minimax_gpt.ops import lightning_attn_chunked, lightning_attn_chunked_packed, lightning_slopes
 
 B, H, D = 1, 8, 64
@@ -129,12 +130,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--contiguous", action="store_true", help="contiguous q, k, v instead of the layer's views")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lightning.json")
+    p.add_argument("--tune-malloc", action="store_true", help="minimax_gpt.hostmem.tune_malloc first (all cases)")
     args = p.parse_args()
+    tuned = args.tune_malloc and tune_malloc()
 
     results = {
         "shape": {"B": B, "H": H, "D": D, "dtype": "float32", "chunk_size": args.chunk_size},
         "inputs": "contiguous" if args.contiguous else "views of one (B, T, H, 3D) tensor, as in the layer",
         "torch": torch.__version__,
+        "tune_malloc": tuned,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimax_gpt.config import MiniMaxConfig
+from minimax_gpt.hostmem import tune_malloc
 from minimax_gpt.moe import MoEFeedForward, moe_forward_reference
 
 
@@ -70,7 +71,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
+    ap.add_argument("--tune-malloc", action="store_true", help="minimax_gpt.hostmem.tune_malloc first (all cases)")
     args = ap.parse_args()
+    tuned = args.tune_malloc and tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,6 +125,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "dtype": "float32", "device": "cpu", "C": C, "I": I, "k": k, "hf_experts_implementation": hf_impl,
+        "tune_malloc": tuned,
         "note": "ratios use medians; vec = bmm dispatch (the default); dense = SwiGLU with hidden k*I (same active "
                 "params); implementations timed round-robin; the machine was shared with other jobs",
         "rows": rows}, indent=2) + "\n")

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
+from minimax_gpt.hostmem import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -535,6 +536,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats, shorter generation and decode")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "suite.json"))
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="minimax_gpt.hostmem.tune_malloc first, as minimax-gpt train does on CPU (both sides share it)")
     p.add_argument("--memory-child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.suite == "quick":
@@ -557,6 +560,7 @@ def main(argv=None):
         print(json.dumps(memory_child(a.memory_child)))
         return
     env = environment(a.threads)
+    env["tune_malloc"] = a.tune_malloc and tune_malloc()
     print(f"torch {env['torch']}, transformers {env['transformers']}, {env['processor']}, {a.threads} threads, "
           f"load {env['loadavg_start']}", flush=True)
     rows, t_start = [], time.perf_counter()

@@ -149,3 +149,16 @@ def test_compile_option_compiles_the_training_forward_only(tmp_path, monkeypatch
     assert torch._dynamo.config.capture_scalar_outputs  # the tiny config is a dropless MoE
     model, _ = load_model(out)
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_tune_malloc_option(tmp_path, monkeypatch):
+    """CPU runs call hostmem.tune_malloc unless train.tune_malloc is false (tests/test_hostmem.py checks its effect)."""
+    import minimax_gpt.hostmem
+
+    calls = []
+    monkeypatch.setattr(minimax_gpt.hostmem, "tune_malloc", lambda: calls.append(1) or True)
+    quick = ["--train.stop_after", "1", "--train.sample_tokens", "0"]
+    for flag, want in (([], 1), (["--train.tune_malloc", "false"], 0)):
+        calls.clear()
+        train(load_run_config(write_config(tmp_path, tmp_path / f"o{want}"), [*quick, *flag]))
+        assert len(calls) == want

@@ -95,6 +95,7 @@ class TrainConfig:
     loss_chunk_size: int = 0  # > 0: chunked cross-entropy over that many positions at a time (big vocabularies)
     parallel: str = "none"  # none | ddp | fsdp (under torchrun; see minimax_gpt.distributed); batch_size is global
     compile: bool = False  # torch.compile the training forward (one graph; the first steps pay the compile time)
+    tune_malloc: bool = True  # CPU runs: glibc reuses freed heap for large tensors instead of fresh mmaps (hostmem)
     # --- optimizer -------------------------------------------------------------------------------------------
     weight_decay: float = 0.1  # on matrices only: not on norms, biases (1-D) nor embeddings
     beta1: float = 0.9

@@ -304,6 +304,11 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     precision = resolve_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if tc.tune_malloc and device.type == "cpu":
+        from minimax_gpt.hostmem import tune_malloc
+
+        logger.info("host memory: %s", "large tensors reuse freed heap memory (glibc mallopt; train.tune_malloc = "
+                    "false keeps glibc's defaults)" if tune_malloc() else "no glibc mallopt here, defaults kept")
     ckpt = resolve_checkpoint(out_dir if resume is True else resume) if resume else None
 
     from minimax_gpt.data import TokenDataset
