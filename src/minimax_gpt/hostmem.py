@@ -6,9 +6,9 @@ layer's expert buffers, a long sequence's gradients) then pays a page fault and 
 page of each one, every step. Measured on a 2-core AMD EPYC (torch 2.13, fp32):
 
 - filling a fresh 50 MiB tensor: 33-42 ms, against 4 ms for memory used before;
-- an MoE layer at 16k tokens (C 256, I 512, top-2 of 8, 2 threads), forward+backward: 844 / 931 ms -> 725 / 637 ms
-  (two interleaved runs), where transformers' per-expert loop, whose tensors stay under the threshold, took 690-780;
-- the lightning op at T = 8192, forward+backward: 275 / 276 ms -> 243 / 228 ms (1 thread).
+- an MoE layer at 16k tokens (C 256, I 512, top-2 of 8, 2 threads), forward+backward: 931 -> 694 ms
+  (benchmarks/bench_moe.py; transformers' per-expert loop, whose tensors mostly stay under the threshold, 718 -> 667);
+- the lightning op at T = 8192, forward+backward: 237 -> 188 ms (1 thread), 178 -> 152 ms (2 threads).
 
 `tune_malloc` sets the mmap threshold to 1 GiB and the trim threshold to 2 GiB - 1 (`mallopt`): freed blocks stay in the
 heap and the next step reuses them, as a caching allocator does. The cost: the process keeps its peak heap after
