@@ -238,14 +238,17 @@ def test_bf16_autocast_training_step(name):
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
-def test_training_forward_compiles_without_graph_breaks(capacity_factor):
+@pytest.mark.parametrize("T", [48, 8])
+def test_training_forward_compiles_without_graph_breaks(capacity_factor, T):
     """torch.compile traces the whole training forward of a hybrid MoE model as one graph. Dropless MoE sizes its
-    expert buffer from the routing: with capture_scalar_outputs that is a data-dependent size, not a break."""
+    expert buffer from the routing: with capture_scalar_outputs that is a data-dependent size, not a break. At T = 8
+    (32 assignments) eager dropless routing would take the few-token path, whose loop over the used experts is a
+    host sync; compiled, the bmm dispatch is used (tracing the loop failed on an expert index that was a SymInt)."""
     import torch._dynamo as dynamo
 
     torch.manual_seed(0)
     model = EnhancedMiniMaxGPT(tiny_config("moe", moe_capacity_factor=capacity_factor)).train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 48))  # 192 assignments: the bmm dispatch
+    ids = torch.randint(0, model.config.vocab_size, (2, T))  # 192 or 32 assignments
     dynamo.reset()
     with dynamo.config.patch(capture_scalar_outputs=capacity_factor is None):
         explain = dynamo.explain(model)(ids, targets=ids)

@@ -221,7 +221,8 @@ class MoEFeedForward(nn.Module):
         """Whether "auto" dispatch takes `_forward_few`: a few assignments (decoding, tiny batches) and no capacity
         limit to apply (eval mode, or dropless)."""
         return (self.dispatch == "auto" and n_assignments <= LOOP_MAX_ASSIGNMENTS
-                and not (self.training and self.capacity_factor is not None))
+                and not (self.training and self.capacity_factor is not None)
+                and not torch.compiler.is_compiling())  # its loop over the used experts is a host sync (see _impl)
 
     def _forward_few(self, xf, valid, logits, probs, top_w, top_i, B, T):
         """Dispatch for a few tokens without a capacity limit: every expert that some token chose runs on all N rows
@@ -265,8 +266,10 @@ class MoEFeedForward(nn.Module):
         # bmm is faster than CPU grouped_mm (a loop of mm, slower backward; benchmarks/bench_moe.py), and grouped_mm
         # on CUDA has not been verified here, so "auto" is bmm, except for a few assignments (decoding): there the
         # bmm over an (E, cap, C) buffer reads every expert's weights for one or two rows, and CPU bmm on such small
-        # batches stalls under load (docs/performance.md), so each used expert runs alone.
-        return "loop" if n_assignments <= LOOP_MAX_ASSIGNMENTS else "bmm"
+        # batches stalls under load (docs/performance.md), so each used expert runs alone: in eager only, since that
+        # loop is a host sync (a graph break, and an expert index the compiler cannot use).
+        few = n_assignments <= LOOP_MAX_ASSIGNMENTS and not torch.compiler.is_compiling()
+        return "loop" if few else "bmm"
 
     def _swiglu_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dt = xs.dtype
