@@ -558,7 +558,7 @@ def _(qkv, slopes, initial_state, chunk_size, keep_states):
 @torch.library.custom_op("minimax_gpt::lightning_chunked_packed_backward", mutates_args=())
 def _packed_backward_op(qkv: torch.Tensor, slopes: torch.Tensor, kept: torch.Tensor, d_out: torch.Tensor | None,
                         d_state: torch.Tensor | None, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, T, D3 = qkv.shape
+    D3 = qkv.shape[-1]
     q, k, v = qkv.split(D3 // 3, dim=-1)
     d_qkv = _packed_grad(qkv)
     *_, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, _state_dtype(qkv.dtype),
