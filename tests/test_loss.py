@@ -96,8 +96,9 @@ def test_in_place_logsumexp_matches_torch_including_infinities():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_chunk_logits_buffer_is_reused_and_results_do_not_depend_on_it():
-    """Every chunk's logits go into one buffer (no fresh (K, V) tensor per chunk); the last chunk is shorter."""
+def test_chunked_equals_plain_fp64_through_the_logits_buffer_with_a_short_last_chunk():
+    """fp64 matmuls write every chunk's logits into the one reused (K, V) buffer; 45 positions in chunks of 16 leave a
+    13-row last chunk, a partial view of it."""
     g = torch.Generator().manual_seed(3)
     h = torch.randn(45, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)

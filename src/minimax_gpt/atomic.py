@@ -43,16 +43,26 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             tmp.unlink()
 
 
+def _move_aside(path: Path, tag: str) -> Path:
+    """Rename the directory `path` into a fresh hidden sibling, which is returned for deletion: nothing half-deleted is
+    ever left under `path`'s name."""
+    aside = fresh_sibling(path, tag)
+    os.replace(path, aside / path.name)
+    return aside
+
+
 def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Rename the finished directory `tmp` to `path`, replacing what was there."""
     tmp, path = Path(tmp), Path(path)
-    old = None
-    if path.exists():
-        old = fresh_sibling(path, "old")
-        os.replace(path, old / path.name)
+    old = _move_aside(path, "old") if path.exists() else None
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete the directory `path`: renamed aside first, then removed."""
+    shutil.rmtree(_move_aside(Path(path), "deleted"), ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minimax_gpt.atomic import atomic_directory, atomic_file, fresh_sibling
+from minimax_gpt.atomic import atomic_directory, atomic_file, remove_directory
 from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -89,9 +88,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
                    key=lambda p: int(p.name[5:]))
     doomed = [p for p in steps[:-keep] if latest is None or p.name != latest.name]
     for path in doomed:
-        trash = fresh_sibling(path, "deleted")
-        os.replace(path, trash / path.name)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_directory(path)
     return doomed
 
 

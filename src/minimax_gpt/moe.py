@@ -58,6 +58,13 @@ DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
 LOOP_MAX_ASSIGNMENTS = 64  # "auto" dispatch: up to this many (token, expert) assignments take the few-token path
 
 
+def _few_in_eager(n_assignments: int) -> bool:
+    """Whether "auto" dispatch treats this many assignments as few: the few-token path and the per-expert loop are for
+    eager code only, since both loop over the used experts after a host sync (under torch.compile a graph break, and
+    an expert index the compiler cannot use), so compiled code takes bmm."""
+    return n_assignments <= LOOP_MAX_ASSIGNMENTS and not torch.compiler.is_compiling()
+
+
 @dataclass
 class RouterStats:
     """What one MoE layer reports for one forward. Loss inputs keep their graph; logging fields are detached."""
@@ -73,7 +80,7 @@ class RouterStats:
 
 class _DeferredRouterStats(RouterStats):
     """RouterStats computed on first access of a field: a no-grad forward (decoding) returns these, and a decode step
-    never reads them (their ten small ops were ~6% of a step). A RouterStats in every other way (isinstance, repr,
+    never reads them (their ten small ops were 7% of a step). A RouterStats in every other way (isinstance, repr,
     ==, dataclasses.replace, which builds a plain instance of this class from the fields)."""
 
     @classmethod
@@ -220,9 +227,8 @@ class MoEFeedForward(nn.Module):
     def _few_assignments(self, n_assignments: int) -> bool:
         """Whether "auto" dispatch takes `_forward_few`: a few assignments (decoding, tiny batches) and no capacity
         limit to apply (eval mode, or dropless)."""
-        return (self.dispatch == "auto" and n_assignments <= LOOP_MAX_ASSIGNMENTS
-                and not (self.training and self.capacity_factor is not None)
-                and not torch.compiler.is_compiling())  # its loop over the used experts is a host sync (see _impl)
+        return (self.dispatch == "auto" and _few_in_eager(n_assignments)
+                and not (self.training and self.capacity_factor is not None))
 
     def _forward_few(self, xf, valid, logits, probs, top_w, top_i, B, T):
         """Dispatch for a few tokens without a capacity limit: every expert that some token chose runs on all N rows
@@ -248,6 +254,7 @@ class MoEFeedForward(nn.Module):
             y = xf.new_zeros(xf.shape)
         if self.layer_scale is not None:
             y = y * self.layer_scale.to(y.dtype)
+
         def stats() -> RouterStats:
             n_valid = valid.sum() if valid is not None else torch.tensor(xf.shape[0], device=xf.device)
             return _make_stats(self, logits, probs, counts, counts, valid, n_valid)
@@ -266,10 +273,8 @@ class MoEFeedForward(nn.Module):
         # bmm is faster than CPU grouped_mm (a loop of mm, slower backward; benchmarks/bench_moe.py), and grouped_mm
         # on CUDA has not been verified here, so "auto" is bmm, except for a few assignments (decoding): there the
         # bmm over an (E, cap, C) buffer reads every expert's weights for one or two rows, and CPU bmm on such small
-        # batches stalls under load (docs/performance.md), so each used expert runs alone: in eager only, since that
-        # loop is a host sync (a graph break, and an expert index the compiler cannot use).
-        few = n_assignments <= LOOP_MAX_ASSIGNMENTS and not torch.compiler.is_compiling()
-        return "loop" if few else "bmm"
+        # batches stalls under load (docs/performance.md), so each used expert runs alone (in eager: _few_in_eager).
+        return "loop" if _few_in_eager(n_assignments) else "bmm"
 
     def _swiglu_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dt = xs.dtype

@@ -340,7 +340,7 @@ def _fused_forward(
     keep_states: bool,
     out: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the block form; returns (out, final_state, the states entering every chunk, flat: `_state_views`;
     empty unless keep_states).
     out: a (B, H, T, Dv) buffer of any strides to write into (default: a new contiguous one).
@@ -356,7 +356,7 @@ def _fused_forward(
     kept = q.new_empty((_n_state_elems(q.shape, Dv, chunk_size) if keep_states else 0,), dtype=cdt)
     views = _state_views(kept, q.shape, Dv, chunk_size) if keep_states else None
     decays = {}
-    for i, (start, n, c) in enumerate(_segments(q.shape, chunk_size)):
+    for seg, (start, n, c) in enumerate(_segments(q.shape, chunk_size)):
         if c not in decays:
             decays[c] = _chunk_decays(lam, c)
         mask, qd, kd, cd = decays[c]
@@ -365,7 +365,7 @@ def _fused_forward(
 
         # States entering each chunk: S_0 = state, S_i = cd S_{i-1} + k_{i-1}^T (kd * v_{i-1}).
         kv = kb.transpose(-1, -2) @ (vb * kd)  # (B, H, n, D, Dv)
-        states = views[i] if keep_states else kv.new_empty(kv.shape)  # (B, H, n, D, Dv)
+        states = views[seg] if keep_states else kv.new_empty(kv.shape)  # (B, H, n, D, Dv)
         states[:, :, 0] = state
         for i in range(1, n):
             states[:, :, i] = torch.addcmul(kv[:, :, i - 1], states[:, :, i - 1], cd)  # (no out=: torch.compile)
@@ -379,8 +379,9 @@ def _fused_forward(
     return out, state, kept
 
 
-def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dtype, grads=None, packed=None):
-    """Gradients (dq, dk, dv, d_initial_state) of the block form, from the per-chunk states the forward kept.
+def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, grads=None, packed=None):
+    """Gradients (dq, dk, dv, d_initial_state in the compute dtype) of the block form, from the per-chunk states the
+    forward kept.
     grads: (dq, dk, dv) buffers of any strides to write into (default: new contiguous ones); packed: as in
     `_fused_forward`."""
     B, H, T, D = q.shape
@@ -419,8 +420,7 @@ def _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, state_dty
         dkb = (dscores.transpose(-1, -2) @ qb).addcmul_(vb @ grads_after.transpose(-1, -2), kd)
         dq, dk, dv = _put(dq, start, dqb, own), _put(dk, start, dkb, own), _put(dv, start, dvb, own)
 
-    d_init = None if state_dtype is None else G.to(state_dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), G
 
 
 def lightning_attn_chunked_packed(
@@ -500,7 +500,7 @@ def _(q, k, v, slopes, initial_state, chunk_size, keep_states):
 def _chunked_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, kept: torch.Tensor,
                          d_out: torch.Tensor | None, d_state: torch.Tensor | None,
                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, _state_dtype(q.dtype))
+    dq, dk, dv, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size)
     return dq, dk, dv, _not_an_input(d_init, d_state)
 
 
@@ -511,9 +511,11 @@ def _(q, k, v, slopes, kept, d_out, d_state, chunk_size):
             q.new_empty((B, H, D, v.shape[-1]), dtype=_state_dtype(q.dtype)))
 
 
-def _save_for_backward(ctx, inputs: tuple, kept: torch.Tensor) -> None:
-    """The inputs as given (views, no copy) and the per-chunk states; the scores are recomputed in the backward."""
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    """Both ops' autograd context: the inputs as given (views, no copy) and the per-chunk states the forward kept
+    (output[2]); the scores are recomputed in the backward."""
     *tensors, slopes, initial_state, chunk_size, keep_states = inputs
+    kept = output[2]
     if not keep_states:
         raise ValueError("the lightning op was called with keep_states=False on inputs that require grad: it keeps no "
                          "states for a backward (call it under torch.no_grad, or with keep_states=True)")
@@ -526,10 +528,6 @@ def _d_init(ctx, d_init: torch.Tensor) -> torch.Tensor | None:
     return None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
 
 
-def _chunked_setup(ctx, inputs, output):
-    _save_for_backward(ctx, inputs, output[2])
-
-
 def _chunked_backward(ctx, d_out, d_state, _d_kept):
     q, k, v, slopes, kept = ctx.saved_tensors
     dq, dk, dv, d_init = torch.ops.minimax_gpt.lightning_chunked_backward(q, k, v, slopes, kept, d_out, d_state,
@@ -537,7 +535,7 @@ def _chunked_backward(ctx, d_out, d_state, _d_kept):
     return dq, dk, dv, None, _d_init(ctx, d_init), None, None
 
 
-_chunked_op.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+_chunked_op.register_autograd(_chunked_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("minimax_gpt::lightning_chunked_packed", mutates_args=())
@@ -561,8 +559,8 @@ def _packed_backward_op(qkv: torch.Tensor, slopes: torch.Tensor, kept: torch.Ten
     D3 = qkv.shape[-1]
     q, k, v = qkv.split(D3 // 3, dim=-1)
     d_qkv = _packed_grad(qkv)
-    *_, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, _state_dtype(qkv.dtype),
-                                 grads=d_qkv.split(D3 // 3, dim=-1), packed=qkv)
+    *_, d_init = _fused_backward(q, k, v, slopes, kept, d_out, d_state, chunk_size, grads=d_qkv.split(D3 // 3, dim=-1),
+                                 packed=qkv)
     return d_qkv, _not_an_input(d_init, d_state)
 
 
@@ -578,10 +576,6 @@ def _packed_grad(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.new_empty((B, T, H, D3)).transpose(1, 2)
 
 
-def _packed_setup(ctx, inputs, output):
-    _save_for_backward(ctx, inputs, output[2])
-
-
 def _packed_backward(ctx, d_out, d_state, _d_kept):
     qkv, slopes, kept = ctx.saved_tensors
     d_qkv, d_init = torch.ops.minimax_gpt.lightning_chunked_packed_backward(qkv, slopes, kept, d_out, d_state,
@@ -589,7 +583,7 @@ def _packed_backward(ctx, d_out, d_state, _d_kept):
     return d_qkv, None, _d_init(ctx, d_init), None, None
 
 
-_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+_packed_op.register_autograd(_packed_backward, setup_context=_setup_context)
 
 
 def _chunked_autograd(
