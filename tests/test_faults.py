@@ -175,11 +175,14 @@ def checkpoint_dir(tmp_path_factory):
 
 
 def _damaged_copy(checkpoint_dir, tmp_path, name, damage):
+    """A copy of the checkpoint with one file damaged and no manifest.json, so that the file's own reader is what
+    notices (with the manifest, its size check notices first: test_manifest_names_a_damaged_missing_or_stray_file)."""
     import shutil
 
     _, _, ckpt = checkpoint_dir
     copy = tmp_path / "damaged"
     shutil.copytree(ckpt, copy)
+    (copy / "manifest.json").unlink()
     path = copy / name
     data = path.read_bytes()
     path.write_bytes(damage(data))

@@ -111,6 +111,9 @@ def test_pickle_disguised_as_safetensors_or_tokenizer_is_refused(run_dir, tmp_pa
     copy = tmp_path / "ckpt"
     shutil.copytree(resolve_checkpoint(out), copy)
     _plant(copy / "model.safetensors", marker)
+    with pytest.raises(ValueError, match=r"model\.safetensors: \d+ bytes where .*manifest\.json says"):
+        load_model(copy)  # the checkpoint's manifest notices first
+    (copy / "manifest.json").unlink()  # a bare model directory, as save_pretrained writes: the reader refuses it
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_model(copy)
     tok = tmp_path / "tok"

@@ -8,6 +8,9 @@
         trainer_state.pt      optimizer, grad scaler, schedule position, RNG states (torch, CUDA, python, and the
                               data sampler's torch.Generator), step / phase counters; plain tensors and Python
                               containers only, read with torch.load(weights_only=True)
+        manifest.json         what the checkpoint is, written last: {"format", "version", "step", "sharded": null
+                              or {"format": "torch.distributed.checkpoint", "path": "distcp", "world_size",
+                              "parallel"}, "files": {relative path: size in bytes}}
     out/checkpoints/latest    one line: the name of the newest complete checkpoint
 
 `train.keep_checkpoints = N` keeps the newest N `step-*` directories (`prune_checkpoints`, after each save).
@@ -15,6 +18,10 @@
 A checkpoint is written into a temporary sibling `.step-000500.tmp-XXXX` and renamed into place when complete; the
 `latest` pointer is replaced (write to a temporary file, os.replace) only after that rename. A write interrupted at any
 point therefore leaves the previous checkpoint, and the pointer to it, intact.
+
+Loaders follow the manifest (`read_manifest`), never the mere presence of a file: a listed file that is missing or
+has another size, or a file the manifest does not list, is an error naming it. Checkpoints written before manifests
+existed are described from their trainer_state.pt (whose optimizer entry is a marker string when it was sharded).
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ import torch
 
 from minimax_gpt.atomic import atomic_directory, atomic_file, remove_directory
 from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+from minimax_gpt.safe_dcp import refusal_reason
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 RUN_CONFIG_NAME = "run_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "minimax_gpt checkpoint"
+MANIFEST_VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, model, tokenizer=None, trainer_state: dict[str, Any] | None = None,
@@ -49,7 +60,67 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer=None, trainer_stat
             (tmp / RUN_CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
+        write_manifest(tmp, step=(trainer_state or {}).get("progress", {}).get("step"))
     return path
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------------
+def write_manifest(directory: str | os.PathLike, step: int | None = None, sharded: dict[str, Any] | None = None) -> None:
+    """manifest.json listing every file now under `directory` with its size; written last, when all are there."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "sharded": sharded,
+                "files": files}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a checkpoint (or of the latest checkpoint of an output directory), checked against the files:
+    each listed file must be there with its size, and nothing else may be. A checkpoint without manifest.json
+    (written before manifests) is described from its trainer_state.pt."""
+    path = resolve_checkpoint(path)
+    file = path / MANIFEST_NAME
+    if not file.is_file():
+        return _legacy_manifest(path)
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{file}: not a minimax_gpt checkpoint manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{file}: manifest version {manifest.get('version')!r}; this minimax_gpt reads version "
+                         f"{MANIFEST_VERSION} (upgrade minimax_gpt to read this checkpoint)")
+    files, sharded = manifest.get("files"), manifest.get("sharded")
+    if not isinstance(files, dict) or not (sharded is None or isinstance(sharded, dict)):
+        raise ValueError(f"{file}: \"files\" must be an object and \"sharded\" null or an object")
+    if sharded is not None and (sharded.get("format"), sharded.get("path")) != ("torch.distributed.checkpoint",
+                                                                                 "distcp"):
+        raise ValueError(f"{file}: unknown sharded layout {sharded!r} (this minimax_gpt writes "
+                         f"torch.distributed.checkpoint shards in distcp/)")
+    for name, size in files.items():
+        piece = path / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise ValueError(f"{file}: lists {name!r}, which is outside the checkpoint")
+        if not piece.is_file():
+            raise FileNotFoundError(f"{piece}: missing; {file} lists it as part of this checkpoint")
+        if piece.stat().st_size != size:
+            raise ValueError(f"{piece}: {piece.stat().st_size} bytes where {file} says {size}: the file was "
+                             f"truncated or replaced after the checkpoint was written")
+    for piece in sorted(path.rglob("*")):
+        if piece.is_file() and piece != file and piece.relative_to(path).as_posix() not in files:
+            raise ValueError(f"{piece}: not part of this checkpoint ({file} does not list it); remove it")
+    if sharded is not None and "distcp/.metadata" not in files:
+        raise ValueError(f"{file}: says the checkpoint is sharded in distcp/ but lists no distcp/.metadata")
+    return manifest
+
+
+def _legacy_manifest(path: Path) -> dict[str, Any]:
+    state_file = path / TRAINER_STATE_NAME
+    optimizer = load_trainer_state(path)["optimizer"] if state_file.is_file() else None
+    sharded = ({"format": "torch.distributed.checkpoint", "path": "distcp"} if isinstance(optimizer, str) else None)
+    return {"format": MANIFEST_FORMAT, "version": 0, "step": None, "sharded": sharded, "files": None}
 
 
 def write_latest(root: Path, name: str) -> None:
@@ -121,6 +192,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     from minimax_gpt.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(path)
+    read_manifest(path)
     model = from_pretrained(path, device=device)
     tokenizer = load_tokenizer(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
     return model, tokenizer
@@ -148,7 +220,7 @@ def load_trainer_state(path: str | os.PathLike, required: tuple[str, ...] = ()) 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain Python containers "
-                         f"(only weights_only=True loading is allowed): {_last_line(e)}") from None
+                         f"(only weights_only=True loading is allowed): {refusal_reason(e)}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path}: truncated or corrupted ({type(e).__name__}: {_last_line(e)})") from None
     if not isinstance(state, dict):

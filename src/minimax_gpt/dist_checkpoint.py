@@ -10,9 +10,14 @@
         trainer_state.pt      /   scaler, progress, schedule, rank 0's RNG states and "rng_per_rank" (every rank's),
                                   "world_size", "parallel"; "optimizer" is only a string
                                   marker: the optimizer state lives in distcp/
+        manifest.json         "sharded": {"format": "torch.distributed.checkpoint", "path": "distcp", "world_size",
+                              "parallel"}, and every file with its size (written by rank 0 once all ranks are done)
 
 The directory is written under a temporary sibling name (all ranks write distcp/ into it; a shared filesystem is
 needed across nodes) and renamed into place by rank 0 after a barrier; `latest` is moved after the rename.
+
+DCP's own reader unpickles `.metadata` and non-tensor items unrestricted; checkpoints are read through
+`minimax_gpt.safe_dcp` instead, which runs no code from them.
 
 Because DCP stores tensors by parameter name with their global shapes, `load_training_state` reads the checkpoint
 into any layout: FSDP on a different number of ranks, DDP, or one process without a process group (DCP's
@@ -34,8 +39,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from minimax_gpt.atomic import fresh_sibling, replace_directory
+from minimax_gpt import safe_dcp
 from minimax_gpt.checkpoint import (CHECKPOINTS_DIR, RUN_CONFIG_NAME, TOKENIZER_DIR, TRAINER_STATE_NAME,
-                                    resolve_checkpoint, write_latest)
+                                    read_manifest, resolve_checkpoint, write_latest, write_manifest)
 from minimax_gpt.distributed import DistContext, barrier
 from minimax_gpt.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_config
 
@@ -43,7 +49,15 @@ DCP_DIR = "distcp"
 
 
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / DCP_DIR / ".metadata").is_file()
+    """Whether the checkpoint's manifest says its training state is sharded (DCP)."""
+    return read_manifest(path)["sharded"] is not None
+
+
+def _sharded_dir(path: Path) -> Path:
+    sharded = read_manifest(path)["sharded"]
+    if sharded is None:
+        raise ValueError(f"{path}: not a distributed checkpoint (its manifest says it is not sharded)")
+    return path / sharded["path"]
 
 
 def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, optimizer, tokenizer,
@@ -70,7 +84,10 @@ def save_training_checkpoint(out_dir: str | os.PathLike, step: int, model, optim
                 tokenizer.save(tmp / TOKENIZER_DIR)
             (tmp / RUN_CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
             torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
-        barrier(ctx)
+        barrier(ctx)  # every rank's shards are written
+        if ctx.is_main:
+            write_manifest(tmp, step, sharded={"format": "torch.distributed.checkpoint", "path": DCP_DIR,
+                                               "world_size": ctx.world_size, "parallel": ctx.parallel})
     except BaseException:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,10 +103,9 @@ def load_training_state(path: str | os.PathLike, model, optimizer) -> None:
     """Load a distributed checkpoint's weights and optimizer state into `model` / `optimizer`, whatever their layout
     (FSDP on any number of ranks, DDP's unwrapped module, or a plain model in a process without a group)."""
     path = resolve_checkpoint(path)
-    if not is_distributed_checkpoint(path):
-        raise FileNotFoundError(f"{path} has no {DCP_DIR}/.metadata: not a distributed checkpoint")
+    directory = _sharded_dir(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # also creates the optimizer's state to load into
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    safe_dcp.load({"model": model_sd, "optim": optim_sd}, directory)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
@@ -140,11 +156,10 @@ def dcp_to_safetensors(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     from minimax_gpt.pretrained import save_pretrained
 
     path = resolve_checkpoint(checkpoint)
-    if not is_distributed_checkpoint(path):
-        raise FileNotFoundError(f"{path} has no {DCP_DIR}/.metadata: not a distributed checkpoint")
+    directory = _sharded_dir(path)
     model = EnhancedMiniMaxGPT(load_config(path))
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    safe_dcp.load(state, directory)
     set_model_state_dict(model, state["model"])
     save_pretrained(model, out_dir)
     return Path(out_dir)
