@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="stream text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", required=True, help="the text to continue (not empty)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int)
@@ -124,6 +124,7 @@ def _generate(args, _) -> int:
     from minimax_gpt.textgen import stream_text
     from minimax_gpt.train import resolve_device
 
+    _check_sampling_flags(args)  # before the checkpoint is read
     model, tokenizer = load_model(args.checkpoint, device=resolve_device(args.device))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ directory; cannot turn a prompt into tokens")
@@ -135,6 +136,22 @@ def _generate(args, _) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_sampling_flags(args) -> None:
+    """ValueError naming the flag for a value generate cannot use."""
+    import math
+
+    if not args.prompt:
+        raise ValueError('--prompt is empty; give the text to continue, e.g. --prompt "def "')
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def _prepare(args, _) -> int:

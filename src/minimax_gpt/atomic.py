@@ -53,7 +53,7 @@ def _move_aside(path: Path, tag: str) -> Path:
 
 def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Rename the finished directory `tmp` to `path`, replacing what was there."""
-    tmp, path = Path(tmp), Path(path)
+    tmp, path = Path(tmp), Path(os.path.abspath(path))  # "." has no name to build a sibling's from
     old = _move_aside(path, "old") if path.exists() else None
     os.replace(tmp, path)
     if old is not None:
@@ -69,7 +69,7 @@ def remove_directory(path: str | os.PathLike) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to `path`; on success it replaces `path`, on failure it is deleted and
     `path` is left as it was."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." or "a/..": a sibling of the directory itself, not one inside it
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)

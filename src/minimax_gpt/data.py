@@ -221,18 +221,24 @@ def prepare(
     if eos_between_docs and not use_eos:
         logger.info("tokenizer %r has no end-of-text token: documents are concatenated without one", tokenizer.kind)
     eos = np.array([tokenizer.eos_token_id], dtype=dtype) if use_eos else None
+    where = "the default corpus" if data is None else data
     pieces = []
     for i, text in enumerate(texts):
         if eos is not None and i > 0:
             pieces.append(eos)
-        pieces.append(np.asarray(tokenizer.encode(text), dtype=dtype))
+        try:
+            pieces.append(np.asarray(tokenizer.encode(text), dtype=dtype))
+        except ValueError as e:  # a reused tokenizer (tokenizer_path) that does not cover this text
+            by = f"the {tokenizer.kind} tokenizer" + (f" from {tokenizer_path}" if tokenizer_path is not None else "")
+            raise ValueError(f"{where}: {e}; {by} cannot encode this text: use text it covers or another "
+                             "tokenizer") from None
     tokens = np.concatenate(pieces)
     n_train = int(len(tokens) * (1.0 - val_fraction))
     train, val = tokens[:n_train], tokens[n_train:]
     if len(train) < 2 or (val_fraction > 0 and len(val) < 2):
         raise ValueError(
-            f"{len(tokens)} tokens are too few to split with val_fraction={val_fraction} "
-            f"(train {len(train)}, val {len(val)}; each needs at least 2)"
+            f"{where}: {len(tokens)} tokens are too few to split with val_fraction={val_fraction} "
+            f"(train {len(train)}, val {len(val)}; each needs at least 2); use more data"
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -363,10 +363,17 @@ def from_hf(model_or_dir, dtype: torch.dtype | None = None, device: torch.device
         directory = Path(model_or_dir)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found")
+            raise FileNotFoundError(f"{config_path} not found: not a Hugging Face MiniMax model folder")
         import json
 
-        config = config_from_hf(json.loads(config_path.read_text()))
+        try:
+            d = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path}: not valid JSON (truncated or corrupted?): {e}") from None
+        try:
+            config = config_from_hf(d)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{config_path}: {e}") from None
         source = SafetensorsReader(directory)
     else:
         if not hasattr(model_or_dir, "config") or not hasattr(model_or_dir, "state_dict"):
@@ -465,12 +472,19 @@ def add_convert_parser(subparsers):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face MiniMax checkpoint directory to import")
     src.add_argument("--to-hf", metavar="DIR", help="our checkpoint directory (save_pretrained) to export")
-    p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
+    p.add_argument("out", metavar="OUT", help="output directory: new or empty, or replaced as a whole (atomically) "
+                                               "with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it is a folder that is not empty")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep float32)")
     return p
 
 
 def run_convert(args) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{args.out} exists and is not a folder; name a new output folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} is not empty; pass --overwrite to replace it, or name a new output folder")
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.from_hf:
         model = from_hf(args.from_hf, dtype=dtype)

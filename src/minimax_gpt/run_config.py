@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -213,13 +214,20 @@ def read_config_document(name_or_path: str | Path | None) -> tuple[dict[str, Any
         name_or_path = DEFAULT_CONFIG
     path = Path(name_or_path)
     if path.is_file():
-        return tomllib.loads(path.read_text()), str(path)
+        return _parse_toml(path.read_text, str(path)), str(path)
     name = path.name[:-5] if path.name.endswith(".toml") else path.name
     if path.parent == Path(".") and name in packaged_configs():
-        text = (resources.files("minimax_gpt") / "configs" / f"{name}.toml").read_text()
-        return tomllib.loads(text), f"packaged config {name!r}"
+        packaged = resources.files("minimax_gpt") / "configs" / f"{name}.toml"
+        return _parse_toml(packaged.read_text, f"packaged config {name!r}"), f"packaged config {name!r}"
     raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a packaged config "
                             f"({', '.join(packaged_configs())})")
+
+
+def _parse_toml(read: Callable[[], str], source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(read())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source}: not valid TOML ({e})") from None
 
 
 def load_run_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None,

@@ -17,12 +17,15 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temper
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece (the prompt itself is not yielded). An empty prompt
     starts from the tokenizer's end-of-text token, or a newline when it has none. With learned positions the
-    continuation stops at block_size."""
+    continuation stops at block_size, and a prompt of block_size tokens or more is a ValueError."""
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer.encode("\n")
     if model.config.pos_embedding == "learned":
-        ids = ids[-(model.config.block_size - 1):]
+        limit = model.config.block_size - 1  # and one position left for the first new token
+        if len(ids) > limit:
+            raise ValueError(f"the prompt is {len(ids)} tokens; this model's learned positions take at most {limit} "
+                             f"(block_size {model.config.block_size} with room for one new token): shorten the prompt")
         max_new_tokens = min(max_new_tokens, model.config.block_size - len(ids))
     device = next(model.parameters()).device
     generator = None

@@ -582,14 +582,20 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     from minimax_gpt.checkpoint import TOKENIZER_DIR, load_model
     from minimax_gpt.data import TokenDataset, prepare
 
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batches", max_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value} (leave it unset for the default)")
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model, tokenizer = load_model(path, device=dev)
     run = load_saved_run_config(path)
     last = run["phases"][-1] if run else {}
-    batch_size = batch_size or last.get("batch_size", 8)
-    seq_len = seq_len or last.get("seq_len", model.config.block_size)
+    batch_size = last.get("batch_size", 8) if batch_size is None else batch_size
+    seq_len = last.get("seq_len", model.config.block_size) if seq_len is None else seq_len
+    if model.config.pos_embedding == "learned" and seq_len > model.config.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds block_size {model.config.block_size}, the reach of this model's "
+                         f"learned position embedding; pass a seq_len <= {model.config.block_size}")
     chunk = run["train"].get("loss_chunk_size", 0) if run else 0
     with tempfile.TemporaryDirectory() as tmp:
         if data is not None:
