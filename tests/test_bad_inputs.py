@@ -174,6 +174,10 @@ ROWS = [
     ("train: resume from a corrupted trainer_state.pt",
      lambda w, t: ["train", "--resume", _run_copy(w, t, lambda c: _garble(resolve_checkpoint(c) / "trainer_state.pt"))],
      "trainer_state.pt: truncated or corrupted"),
+    ("train: resume from a run whose run_config.json is not JSON",
+     lambda w, t: ["train", "--resume",
+                   str(_run_copy(w, t, lambda c: _garble(resolve_checkpoint(c) / "run_config.json")))],
+     "run_config.json: not valid JSON"),
     # --- checkpoints as data --------------------------------------------------------------------------------------
     ("eval: missing checkpoint", lambda w, t: ["eval", "--checkpoint", str(t / "nope")], "is neither a checkpoint"),
     ("eval: truncated model.safetensors",

@@ -254,13 +254,12 @@ def test_input_validation():
 
 # --- against transformers' MiniMaxLightningAttention ------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-from transformers import MiniMaxConfig  # noqa: E402
-from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention  # noqa: E402
-
-
 def hf_layer(n_head, n_layer, layer_idx, head_dim=4, block_size=16):
-    config = MiniMaxConfig(
+    """transformers' lightning layer; the tests that call it (and only those) skip without transformers."""
+    pytest.importorskip("transformers", reason="transformers is not installed (extra [hf])")
+    modeling = pytest.importorskip("transformers.models.minimax.modeling_minimax",
+                                   reason="this transformers has no MiniMax model")
+    config = modeling.MiniMaxConfig(
         hidden_size=n_head * head_dim,
         num_attention_heads=n_head,
         num_key_value_heads=n_head,
@@ -270,7 +269,7 @@ def hf_layer(n_head, n_layer, layer_idx, head_dim=4, block_size=16):
         num_local_experts=2,
         block_size=block_size,
     )
-    return MiniMaxLightningAttention(config, layer_idx)
+    return modeling.MiniMaxLightningAttention(config, layer_idx)
 
 
 @pytest.mark.parametrize(

@@ -170,3 +170,185 @@ def test_no_load_path_can_unpickle_or_execute():
             if name == "jit.load" or any(k.arg == "trust_remote_code" for k in node.keywords):
                 problems.append(f"{where}: {name} runs code from the file")
     assert not problems, problems
+
+
+# --- sharded (DCP) checkpoints --------------------------------------------------------------------------------------
+# torch's own DCP reader would run each of these payloads: a whole-file pickle as .metadata, a payload hidden as an
+# extra attribute of an otherwise valid Metadata, and a payload as an optimizer param_groups value in a shard (read by
+# DefaultLoadPlanner.load_bytes with weights_only=False). The manifest is rewritten to match, as an attacker would.
+PAYLOAD_KINDS = ("whole_metadata", "metadata_attribute", "shard_item")
+
+
+def _torchrun(*args: str, cwd: Path, script: Path | None = None):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    entry = [str(script)] if script else ["-m", "minimax_gpt"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                           str(port), "--tee", "3", *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """A 1-step FSDP run on 2 ranks (torchrun): its checkpoint is sharded."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    out = tmp / "out"
+    cfg = write_config(tmp, out)
+    done = _torchrun("train", "--config", str(cfg), "--train.parallel", "fsdp", "--train.stop_after", "1",
+                     "--train.eval_interval", "0", "--train.sample_tokens", "0", "--train.threads", "1", cwd=tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp, out, cfg
+
+
+def _planted_copy(sharded_run, tmp_path: Path, kind: str, marker: Path) -> tuple[Path, Path]:
+    """A copy of the sharded run with `kind` of payload planted; returns (run copy, the planted file)."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from minimax_gpt import EnhancedMiniMaxGPT
+    from minimax_gpt.checkpoint import read_manifest, write_manifest
+    from minimax_gpt.pretrained import load_config
+    from minimax_gpt.safe_dcp import read_metadata
+    from minimax_gpt.train import make_optimizer
+
+    tmp, out, _ = sharded_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    ckpt = resolve_checkpoint(copy)
+    manifest = read_manifest(ckpt)
+    metadata = ckpt / "distcp" / ".metadata"
+    if kind == "whole_metadata":
+        metadata.write_bytes(pickle.dumps(Payload(marker)))
+        planted = metadata
+    elif kind == "metadata_attribute":
+        valid = read_metadata(metadata)
+        valid.planner_data["x"] = Payload(marker)  # still a Metadata: only the extra item is foreign
+        metadata.write_bytes(pickle.dumps(valid))
+        planted = metadata
+    else:
+        model = EnhancedMiniMaxGPT(load_config(ckpt))
+        optimizer = make_optimizer(model, load_run_config(tmp / "tiny.toml").train, torch.device("cpu"))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        optim_sd["param_groups"][0]["lr"] = Payload(marker)
+        for shard in (ckpt / "distcp").glob("*.distcp"):
+            shard.unlink()
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt / "distcp"), no_dist=True)
+        planted = ckpt / "distcp" / "__0_0.distcp"
+    (ckpt / "manifest.json").unlink()
+    write_manifest(ckpt, manifest["step"], manifest["sharded"])
+    return copy, planted
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_sharded_payload_is_refused_by_single_process_resume(sharded_run, tmp_path, kind, capsys):
+    marker = tmp_path / "pwned"
+    copy, planted = _planted_copy(sharded_run, tmp_path, kind, marker)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(copy), "--train.out_dir", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("minimax-gpt train: error: ") and str(planted) in err[-1] and "refused" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not marker.exists()
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["metadata_attribute", "shard_item"])
+def test_sharded_payload_is_refused_under_torchrun(sharded_run, tmp_path, kind, parallel):
+    marker = tmp_path / "pwned"
+    copy, planted = _planted_copy(sharded_run, tmp_path, kind, marker)
+    done = _torchrun("train", "--resume", str(copy), "--train.out_dir", str(copy), "--train.parallel", parallel,
+                     cwd=tmp_path)
+    ours = [line for line in done.stderr.splitlines() if "minimax-gpt train" in line]
+    assert done.returncode != 0 and len(ours) == 1, done.stderr[-3000:]
+    assert ours[0].startswith("[default0]:minimax-gpt train: error: ") and str(planted) in ours[0]
+    assert "[default0]:Traceback" not in done.stderr and "[default1]:Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", PAYLOAD_KINDS)
+def test_eval_generate_and_convert_never_open_the_shards(sharded_run, tmp_path, kind, capsys):
+    """They read the consolidated model.safetensors only; with the manifest left as it was, the changed size is
+    named instead."""
+    marker = tmp_path / "pwned"
+    copy, planted = _planted_copy(sharded_run, tmp_path, kind, marker)
+    assert main(["eval", "--checkpoint", str(copy), "--max-batches", "1"]) == 0
+    assert main(["generate", "--checkpoint", str(copy), "--prompt", "the ", "--max-new-tokens", "2"]) == 0
+    model, _ = load_model(copy)
+    assert model.num_params() > 0
+    ckpt = resolve_checkpoint(copy)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][planted.relative_to(ckpt).as_posix()] += 1
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(copy)]) == 2
+    assert str(planted) in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_manifest_names_a_missing_stray_or_resized_piece(sharded_run, tmp_path):
+    import shutil
+
+    from minimax_gpt.checkpoint import read_manifest
+
+    _, out, _ = sharded_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(out), copy)
+    manifest = read_manifest(copy)
+    assert manifest["sharded"] == {"format": "torch.distributed.checkpoint", "path": "distcp", "world_size": 2,
+                                   "parallel": "fsdp"}
+    assert {"distcp/.metadata", "distcp/__0_0.distcp", "distcp/__1_0.distcp", "model.safetensors",
+            "trainer_state.pt"} <= set(manifest["files"])
+    shard = copy / "distcp" / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{shard}: missing; .*manifest\.json lists it"):
+        read_manifest(copy)
+    shard.write_bytes(data[:-1])
+    with pytest.raises(ValueError, match=rf"{shard}: {len(data) - 1} bytes where .* says {len(data)}"):
+        read_manifest(copy)
+    shard.write_bytes(data)
+    (copy / "distcp" / "__2_0.distcp").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"__2_0\.distcp: not part of this checkpoint"):
+        read_manifest(copy)
+
+
+def test_a_plain_checkpoint_with_a_stray_distcp_is_refused(run_dir, tmp_path):
+    """The loader follows the manifest: a distcp/ planted next to a plain checkpoint is never read, it is named."""
+    import shutil
+
+    from minimax_gpt.checkpoint import read_manifest
+
+    _, out, _ = run_dir
+    copy = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(out), copy)
+    assert read_manifest(copy)["sharded"] is None
+    (copy / "distcp").mkdir()
+    (copy / "distcp" / ".metadata").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"distcp/\.metadata: not part of this checkpoint"):
+        read_manifest(copy)
+
+
+def test_prepared_data_folder_is_parsed_not_unpickled(run_dir, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    _, out, cfg = run_dir
+    data = tmp_path / "data"
+    shutil.copytree(out / "data", data)
+    marker = tmp_path / "pwned"
+    (data / "meta.json").write_bytes(pickle.dumps(Payload(marker)))
+    assert main(["train", "--config", str(cfg), "--prepared", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "meta.json" in err and "Traceback" not in err
+    assert not marker.exists()

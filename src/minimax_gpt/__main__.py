@@ -19,11 +19,48 @@ import os
 import signal
 import sys
 
-from minimax_gpt.faults import TrainingDiverged
+
+
+class _UsageError(ValueError):
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see {prog} --help)")
+        self.command = prog.removeprefix("minimax-gpt").strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error raises (and so ends in the command's one line) instead of printing the
+    usage and exiting."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, message)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimax-gpt", description=__doc__.split("\n")[0])
+    """The command line; every failure ends in one line on stderr (minimax_gpt.cli_errors): exit 2 for an error,
+    130 for Ctrl-C, 143 for SIGTERM. `--debug` anywhere (or MINIMAX_GPT_DEBUG=1) shows the traceback instead."""
+    from minimax_gpt import cli_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = cli_errors.debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    previous = cli_errors.raise_on_sigterm()
+    try:
+        return _main(argv)
+    except SystemExit:  # --help
+        raise
+    except BaseException as e:
+        if debug:
+            raise
+        return cli_errors.report(getattr(e, "command", None) or command or "", e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
+    parser = _Parser(prog="minimax-gpt", description=__doc__.split("\n")[0],
+                     epilog="--debug (with any command) or MINIMAX_GPT_DEBUG=1: show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a config (default: the embedded default config)",
@@ -72,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        return _COMMANDS[args.command](args, rest)
-    except (ValueError, TypeError, OSError, TrainingDiverged) as e:
-        print(f"minimax-gpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return _COMMANDS[args.command](args, rest)
 
 
 def _train(args, overrides: list[str]) -> int:

@@ -234,7 +234,16 @@ def load_trainer_state(path: str | os.PathLike, required: tuple[str, ...] = ()) 
 def load_saved_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The run config dict saved with a checkpoint, or None."""
     path = resolve_checkpoint(path) / RUN_CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: expected a JSON object (the run's model, train and phases), got "
+                         f"{type(run).__name__}")
+    return run
 
 
 def _last_line(e: BaseException) -> str:

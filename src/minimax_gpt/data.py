@@ -279,7 +279,13 @@ class TokenDataset:
         meta_path = prepared_dir / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: run `minimax-gpt prepare` (data.prepare) first")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e}); prepare the data again") from None
+        if not isinstance(self.meta, dict) or not {"vocab_size", "dtype", f"{split}_tokens"} <= set(self.meta):
+            raise ValueError(f"{meta_path}: not a prepared-data description (needs vocab_size, dtype and "
+                             f"{split}_tokens); prepare the data again")
         self.prepared_dir, self.split = prepared_dir, split
         self.vocab_size: int = self.meta["vocab_size"]
         path, dtype = prepared_dir / f"{split}.bin", np.dtype(self.meta["dtype"])

@@ -338,7 +338,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     progress = Progress()
     if ckpt is not None:
         state = load_trainer_state(ckpt, required=("optimizer", "scaler", "rng", "progress"))
-        if is_distributed_checkpoint(ckpt):
+        if is_distributed_checkpoint(ckpt):  # what its manifest says
             load_distributed_state(ckpt, model, optimizer)
         elif dctx.parallel == "fsdp":
             load_plain_training_state(ckpt, model, optimizer, state)
