@@ -197,11 +197,12 @@ def _torchrun(*args: str, cwd: Path, script: Path | None = None):
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
-    """A 1-step FSDP run on 2 ranks (torchrun): its checkpoint is sharded."""
+    """A 1-step FSDP run on 2 ranks (torchrun): its checkpoint is sharded (post-norm, so that it converts to HF)."""
     tmp = tmp_path_factory.mktemp("sharded")
     out = tmp / "out"
     cfg = write_config(tmp, out)
     done = _torchrun("train", "--config", str(cfg), "--train.parallel", "fsdp", "--train.stop_after", "1",
+                     "--model.use_post_layernorm", "true",
                      "--train.eval_interval", "0", "--train.sample_tokens", "0", "--train.threads", "1", cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp, out, cfg
@@ -287,6 +288,7 @@ def test_eval_generate_and_convert_never_open_the_shards(sharded_run, tmp_path, 
     model, _ = load_model(copy)
     assert model.num_params() > 0
     ckpt = resolve_checkpoint(copy)
+    assert main(["convert", "--to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"][planted.relative_to(ckpt).as_posix()] += 1
     (ckpt / "manifest.json").write_text(json.dumps(manifest))

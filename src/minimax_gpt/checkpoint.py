@@ -65,7 +65,8 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer=None, trainer_stat
 
 
 # --- the manifest ---------------------------------------------------------------------------------------------------
-def write_manifest(directory: str | os.PathLike, step: int | None = None, sharded: dict[str, Any] | None = None) -> None:
+def write_manifest(directory: str | os.PathLike, step: int | None = None,
+                   sharded: dict[str, Any] | None = None) -> None:
     """manifest.json listing every file now under `directory` with its size; written last, when all are there."""
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): p.stat().st_size
