@@ -103,9 +103,10 @@ def test_ctrl_c_during_training_saves_and_exits_130(tmp_path):
     assert (out / "checkpoints" / "latest").is_file()
 
 
-def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path):
-    """Rank 1 fails in its second step while rank 0 waits for it in the gradient all-reduce: both stop, and the one
-    line naming rank 1's error comes from rank 0 only."""
+@pytest.mark.parametrize("failing", [1, 0])
+def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path, failing):
+    """One rank fails in its second step while the other waits for it in the gradient all-reduce: both stop, and the
+    one line naming the failing rank's error comes from rank 0 only."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path, out)
     script = tmp_path / "fail_rank1.py"
@@ -115,8 +116,8 @@ def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path):
         "original, calls = T._train_step, [0]\n"
         "def step(*args, **kwargs):\n"
         "    calls[0] += 1\n"
-        "    if os.environ['RANK'] == '1' and calls[0] == 2:\n"
-        "        raise ValueError('shard 7 is unreadable (planted on rank 1)')\n"
+        f"    if os.environ['RANK'] == '{failing}' and calls[0] == 2:\n"
+        f"        raise ValueError('shard 7 is unreadable (planted on rank {failing})')\n"
         "    return original(*args, **kwargs)\n"
         "T._train_step = step\n"
         "from minimax_gpt.__main__ import main\n"
@@ -127,7 +128,8 @@ def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path):
                      cwd=tmp_path, script=script)
     ours = [line for line in done.stderr.splitlines() if "minimax-gpt train:" in line]
     assert done.returncode != 0
-    assert ours == ["[default0]:minimax-gpt train: error: rank 1: shard 7 is unreadable (planted on rank 1)"], \
+    who = f"rank {failing}: " if failing else ""
+    assert ours == [f"[default0]:minimax-gpt train: error: {who}shard 7 is unreadable (planted on rank {failing})"], \
         done.stderr[-3000:]
     assert "[default0]:Traceback" not in done.stderr and "[default1]:Traceback" not in done.stderr
 

@@ -181,17 +181,13 @@ PAYLOAD_KINDS = ("whole_metadata", "metadata_attribute", "shard_item")
 
 def _torchrun(*args: str, cwd: Path, script: Path | None = None):
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     entry = [str(script)] if script else ["-m", "minimax_gpt"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           str(port), "--tee", "3", *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--tee", "3", *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=240)
 
 
@@ -212,6 +208,7 @@ def _planted_copy(sharded_run, tmp_path: Path, kind: str, marker: Path) -> tuple
     """A copy of the sharded run with `kind` of payload planted; returns (run copy, the planted file)."""
     import pickle
     import shutil
+    import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -243,7 +240,9 @@ def _planted_copy(sharded_run, tmp_path: Path, kind: str, marker: Path) -> tuple
         optim_sd["param_groups"][0]["lr"] = Payload(marker)
         for shard in (ckpt / "distcp").glob("*.distcp"):
             shard.unlink()
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt / "distcp"), no_dist=True)
+        with warnings.catch_warnings():  # "saving in a single process", "overwriting": both intended here
+            warnings.simplefilter("ignore")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt / "distcp"), no_dist=True)
         planted = ckpt / "distcp" / "__0_0.distcp"
     (ckpt / "manifest.json").unlink()
     write_manifest(ckpt, manifest["step"], manifest["sharded"])
@@ -353,4 +352,61 @@ def test_prepared_data_folder_is_parsed_not_unpickled(run_dir, tmp_path, capsys)
     assert main(["train", "--config", str(cfg), "--prepared", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "meta.json" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def _refit_manifest(ckpt: Path) -> None:
+    """Rewrite the manifest to the files' new sizes, as someone planting a payload would."""
+    from minimax_gpt.checkpoint import write_manifest
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "manifest.json").unlink()
+    write_manifest(ckpt, manifest["step"], manifest["sharded"])
+
+
+# (load path, a file it reads): eval and generate also read the tokenizer; convert and from_pretrained do not
+PLAIN_LOADS = [(command, planted) for command in ("eval", "generate", "convert_to_hf", "from_pretrained")
+               for planted in ("model.safetensors", "config.json", "tokenizer/tokenizer_meta.json")
+               if command in ("eval", "generate") or not planted.startswith("tokenizer/")]
+
+
+@pytest.mark.parametrize("command, planted", PLAIN_LOADS)
+def test_every_plain_load_path_refuses_a_payload_naming_the_file(run_dir, tmp_path, command, planted, capsys):
+    import shutil
+
+    _, out, _ = run_dir
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(out), ckpt)
+    _plant(ckpt / planted, marker)
+    _refit_manifest(ckpt)
+    argv = {"eval": ["eval", "--checkpoint", str(ckpt)],
+            "generate": ["generate", "--checkpoint", str(ckpt), "--prompt", "the "],
+            "convert_to_hf": ["convert", "--to-hf", str(ckpt), str(tmp_path / "hf")]}.get(command)
+    if argv is None:
+        with pytest.raises(ValueError, match=str(ckpt / planted)):
+            from_pretrained(ckpt)
+    else:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(ckpt / planted) in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["config.json", "model.safetensors"])
+def test_hf_import_refuses_a_payload_naming_the_file(tmp_path, planted, capsys):
+    pytest.importorskip("transformers", reason="transformers is not installed (extra [hf])")
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "pwned"
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(
+        {"model_type": "minimax", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "intermediate_size": 16, "num_local_experts": 2, "num_experts_per_tok": 1}))
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 16)}, str(directory / "model.safetensors"))
+    _plant(directory / planted, marker)
+    assert main(["convert", "--from-hf", str(directory), str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert str(directory / planted) in err and "Traceback" not in err
     assert not marker.exists()
