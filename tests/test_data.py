@@ -206,6 +206,32 @@ def test_eval_batches_are_deterministic_non_overlapping_windows(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, val.iter_eval_batches(5, 16)))
 
 
+def test_capped_eval_windows_are_spread_over_the_whole_split(tmp_path):
+    out, _, _ = _prepared(tmp_path)
+    val = TokenDataset(out, "val")  # 200 tokens -> 12 windows of 16
+    tokens = torch.from_numpy(val.tokens.astype(np.int64))
+    # 2 batches of 2 = 4 of the 12 windows: the middle one of each quarter of the split
+    assert val.eval_windows(2, 16, max_batches=2).tolist() == [1, 4, 7, 10]
+    batches = list(val.iter_eval_batches(2, 16, max_batches=2))
+    assert [b[0].shape for b in batches] == [(2, 16), (2, 16)]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    for row, k in enumerate([1, 4, 7, 10]):  # start, middle and end of the split, in order, not overlapping
+        assert torch.equal(x[row], tokens[k * 16 : k * 16 + 16])
+        assert torch.equal(y[row], tokens[k * 16 + 1 : k * 16 + 17])
+    uncapped = torch.cat([b[0] for b in val.iter_eval_batches(5, 16)])
+    assert torch.equal(uncapped.flatten(), tokens[: 12 * 16])  # uncapped: every window
+    for cap in (3, 100):  # a cap of at least every window is every window
+        assert val.eval_windows(4, 16, max_batches=cap).tolist() == list(range(12))
+    for n_windows in range(1, 60):  # any split and cap: increasing, in range, first and last stretch both covered
+        val.tokens = np.zeros(n_windows * 16 + 1, dtype=np.uint16)
+        for used in range(1, n_windows + 1):
+            k = val.eval_windows(1, 16, max_batches=used)
+            assert len(k) == used and k[0] >= 0 and k[-1] < n_windows and (np.diff(k) >= 1).all()
+            assert k[0] * used < n_windows and k[-1] * used >= n_windows * (used - 1)
+    with pytest.raises(ValueError, match="max_batches"):
+        val.eval_windows(1, 16, max_batches=0)
+
+
 def test_shards_are_disjoint_and_contiguous(tmp_path):
     out, _, _ = _prepared(tmp_path)
     ds = TokenDataset(out, "train")  # 1800 tokens

@@ -269,7 +269,7 @@ class TokenDataset:
     """One split of a prepared directory, memory-mapped.
 
     ``get_batch`` draws random windows from a CPU ``torch.Generator`` (save ``generator.get_state()`` to resume
-    the same data order); ``iter_eval_batches`` walks fixed, non-overlapping windows.
+    the same data order); ``iter_eval_batches`` walks fixed, non-overlapping windows spread over the split.
     """
 
     def __init__(self, prepared_dir: str | os.PathLike, split: str):
@@ -317,18 +317,28 @@ class TokenDataset:
         starts = torch.randint(len(self.tokens) - seq_len, (batch_size,), generator=generator).numpy()
         return self._windows(starts, seq_len)
 
+    def eval_windows(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> np.ndarray:
+        """Indices k of the evaluation windows tokens[k*T : k*T + T + 1], increasing. The split holds
+        n = (len - 1) // T non-overlapping windows; uncapped (max_batches None) every one is used. Capped at
+        m = max_batches * batch_size < n windows, the split is cut into m equal stretches and the window in the
+        middle of each is used, window (2i + 1) * n // (2m) for i < m: the capped evaluation covers the start,
+        middle and end of the split alike, not only its start (a text's opening is not typical of the whole)."""
+        if batch_size < 1 or (max_batches is not None and max_batches < 1):
+            raise ValueError(f"need batch_size >= 1 and max_batches None or >= 1; got {batch_size}, {max_batches}")
+        self.check_length(seq_len)
+        n_windows = (len(self.tokens) - 1) // seq_len
+        n_used = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
+        return (2 * np.arange(n_used) + 1) * n_windows // (2 * n_used)  # consecutive ones >= 1 apart
+
     def iter_eval_batches(
         self, batch_size: int, seq_len: int, max_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows from the start, in order: window k is tokens[k*T : k*T + T + 1]. Every batch
-        has batch_size rows except possibly the last; at most max_batches batches."""
-        self.check_length(seq_len)
-        n_windows = (len(self.tokens) - 1) // seq_len
-        for b, first in enumerate(range(0, n_windows, batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
-            starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len
-            yield self._windows(starts, seq_len)
+        """Fixed, non-overlapping windows in order, window k being tokens[k*T : k*T + T + 1]: every window of the
+        split, or with max_batches at most max_batches * batch_size of them spread evenly over the whole split
+        (see ``eval_windows``). Every batch has batch_size rows except possibly the last."""
+        windows = self.eval_windows(batch_size, seq_len, max_batches)
+        for first in range(0, len(windows), batch_size):
+            yield self._windows(windows[first : first + batch_size] * seq_len, seq_len)
 
     def shard(self, rank: int, world_size: int) -> TokenDataset:
         """Rank ``rank``'s contiguous 1/world_size of the tokens (the n % world_size tail tokens are unused)."""

@@ -107,7 +107,9 @@ class TrainConfig:
     # --- reporting and saving ----------------------------------------------------------------------------------
     log_interval: int = 10  # steps between metrics.jsonl records (and progress-bar updates)
     eval_interval: int = 250  # steps between validations; 0 = only at the end
-    eval_batches: int = 200  # validation batches (phase batch_size x seq_len windows) per evaluation
+    # validation batches of the phase's batch_size x seq_len windows per evaluation, spread evenly over the whole
+    # validation split (data.TokenDataset.eval_windows); >= 1 (`minimax-gpt eval --max-batches all`: every window)
+    eval_batches: int = 200
     save_interval: int = 0  # steps between extra checkpoints; 0 = phase boundaries and the end only
     keep_checkpoints: int = 0  # keep only the newest N step-* checkpoints (deleted after each save); 0 = keep all
     stop_after: int | None = None  # stop (with a checkpoint) after this global step, as if interrupted
