@@ -100,6 +100,9 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--vocab-size", type=int, help="size of the BPE to train (--tokenizer bpe)")
     p.add_argument("--tokenizer-path", help="tiktoken encoding name or .tiktoken file, or hf tokenizer directory")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is not empty and not data prepared from this source with these "
+                        "settings (without it such a folder is refused and left as it is)")
 
     from minimax_gpt.hf import add_convert_parser
 
@@ -191,7 +194,10 @@ def _prepare(args, _) -> int:
     from minimax_gpt.data import prepare
 
     meta = prepare(args.data, args.out, tokenizer_kind=args.tokenizer, vocab_size=args.vocab_size,
-                   tokenizer_path=args.tokenizer_path, val_fraction=args.val_fraction)
+                   tokenizer_path=args.tokenizer_path, val_fraction=args.val_fraction, overwrite=args.overwrite)
+    files = meta["fingerprint"]["files"]  # one record per source file: summarized, the full list is in meta.json
+    size = sum(f["size"] for f in files)
+    meta["fingerprint"]["files"] = f"{len(files)} file{'s' * (len(files) != 1)}, {size:,} bytes (see meta.json)"
     print(json.dumps(meta, indent=2))
     return 0
 

@@ -5,7 +5,10 @@
     train.bin        raw token ids, np.uint16 when vocab_size <= 65536 else np.uint32
     val.bin          the last val_fraction of the token stream, same dtype
     tokenizer/       the tokenizer (tokenizer.Tokenizer.save)
-    meta.json        {"dtype", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "source", ...}; written last
+    meta.json        {"dtype", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "source", ...,
+                     "fingerprint"}: the fingerprint (data_fingerprint) decides whether the folder can be reused
+
+The folder is built in a temporary sibling and renamed into place whole.
 
 ``TokenDataset(dir, split)`` memory-maps one split and hands out (x, y) int64 batches of shape (B, T) with
 y = x shifted by one token.
@@ -24,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimax_gpt.atomic import atomic_file
+from minimax_gpt.atomic import atomic_directory
+from minimax_gpt.data_fingerprint import describe_change, source_fingerprint
 from minimax_gpt.tokenizer import META_FILE, Tokenizer, build_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -145,25 +149,36 @@ def _files_in(folder: Path) -> list[Path]:
     return files
 
 
+def source_files(data: str | os.PathLike | None) -> list[Path]:
+    """The files read_texts(data) reads, in its order: default_corpus() for None, the file itself, or a folder's
+    files (see read_texts). Raises FileNotFoundError when ``data`` does not exist."""
+    if data is None:
+        return default_corpus()
+    path = Path(data)
+    if path.is_dir():
+        return _files_in(path)
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"data path {path} does not exist")
+
+
 def read_texts(path: str | os.PathLike | None) -> list[str]:
     """Documents from ``path``: None -> default_corpus(); a text file (one document); a folder (recursively,
     sorted, files ending in .txt .md .rst .py .text .jsonl .parquet, hidden ones skipped, empty files skipped);
     a ``.jsonl`` file with a string "text" field per line; a ``.parquet`` file with a "text" column.
     Raises ValueError naming the file for invalid UTF-8 (with byte offset), a JSONL line without "text" (with
     line number), or when a file or the whole set holds no text."""
-    if path is None:
-        files, where = default_corpus(), "the default corpus"
-    else:
-        path = Path(path)
-        if path.is_dir():
-            files, where = _files_in(path), str(path)
-        elif path.is_file():
-            texts = _read_file(path)
-            if not texts:
-                raise ValueError(f"{path}: no text (the file is empty or all its documents are)")
-            return texts
-        else:
-            raise FileNotFoundError(f"data path {path} does not exist")
+    return _texts_of(path, source_files(path))
+
+
+def _texts_of(data: str | os.PathLike | None, files: list[Path]) -> list[str]:
+    """read_texts(data) given its source_files(data)."""
+    if data is not None and Path(data).is_file():
+        texts = _read_file(files[0])
+        if not texts:
+            raise ValueError(f"{data}: no text (the file is empty or all its documents are)")
+        return texts
+    where = "the default corpus" if data is None else str(data)
     texts = [text for file in files for text in _read_file(file)]
     if not texts:
         raise ValueError(f"{where}: no text found (no non-empty files ending in {', '.join(FOLDER_SUFFIXES)})")
@@ -190,6 +205,36 @@ def _tokenizer_for(texts: list[str], kind: str, vocab_size: int | None, tokenize
     return build_tokenizer(kind, text=text, vocab_size=vocab_size, name_or_path=name_or_path)
 
 
+def _prepared_meta(out_dir: Path) -> tuple[dict | None, str | None]:
+    """(meta.json's dict, None) when ``out_dir`` is a complete prepared-data folder with a fingerprint; (None, None)
+    when it does not exist or is empty; else (None, why it is not one)."""
+    if not out_dir.exists():
+        return None, None
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory; choose a folder to prepare into")
+    if not any(out_dir.iterdir()):
+        return None, None
+    meta_path = out_dir / "meta.json"
+    if not meta_path.is_file():
+        return None, "it has no meta.json, so it is not a prepared-data folder"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, "its meta.json is not valid JSON"
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
+        return None, "its meta.json records no source fingerprint (it was prepared by an older version)"
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        complete = (out_dir / "tokenizer" / META_FILE).is_file() and all(
+            (out_dir / f"{s}.bin").is_file() and (out_dir / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] * itemsize
+            for s in ("train", "val"))
+    except (KeyError, TypeError, ValueError):
+        complete = False
+    if not complete:
+        return None, "its token files or tokenizer do not match its meta.json"
+    return meta, None
+
+
 def prepare(
     data: str | os.PathLike | None,
     out_dir: str | os.PathLike,
@@ -198,6 +243,7 @@ def prepare(
     tokenizer_path: str | os.PathLike | None = None,
     val_fraction: float = 0.1,
     eos_between_docs: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize ``data`` (see read_texts; None -> the default corpus) once into ``out_dir``; return meta.json's dict.
 
@@ -207,13 +253,41 @@ def prepare(
     The split is nanoGPT's: of n tokens, the first int(n * (1 - val_fraction)) are train, the rest val.
     With ``eos_between_docs`` the tokenizer's end-of-text id separates documents; tokenizers without one
     (bytes, char keep their exact vocabularies) concatenate documents, which is logged and recorded as
-    ``"eos_between_docs": false`` in meta.json. Every file is written to a temporary name and renamed;
-    meta.json is written last, so a directory with meta.json is complete.
+    ``"eos_between_docs": false`` in meta.json.
+
+    meta.json records a fingerprint (data_fingerprint: every source file's size, mtime and sha256, and these
+    tokenizer settings). When ``out_dir`` already holds data with an equal fingerprint nothing is written and its
+    meta.json's dict is returned. A missing or empty ``out_dir`` is prepared; any other (another source, changed
+    files, other settings, an older meta.json without a fingerprint, unrelated files) raises FileExistsError and is
+    left as it is, unless ``overwrite``: then it is replaced, and the log says why. The folder is built in a
+    temporary sibling and renamed into place, so ``out_dir`` holds the old data or the new, never a mix, and the
+    temporary folder is removed on any failure.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     out_dir = Path(out_dir)
-    texts = read_texts(data)
+    where = "the default corpus" if data is None else data
+    files = source_files(data)
+    settings = {"tokenizer": tokenizer_kind, "vocab_size": vocab_size,
+                "tokenizer_path": None if tokenizer_path is None else str(tokenizer_path),
+                "val_fraction": val_fraction, "eos_between_docs": eos_between_docs}
+    old, why = _prepared_meta(out_dir)
+    fingerprint = source_fingerprint(data, files, settings, previous=old and old["fingerprint"])
+    if old is not None:
+        why = describe_change(old["fingerprint"], fingerprint)
+        if why is None:
+            logger.info("reusing the prepared data in %s (%s and the tokenizer settings are unchanged)", out_dir, where)
+            return old  # nothing is written, not even moved mtimes: a reused folder may be read-only
+    if why is not None and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty and holds no data prepared from {where} with these settings: "
+                              f"{why}; nothing was changed. Pass --overwrite (overwrite=True) to replace it, or "
+                              f"choose another output folder")
+    if why is not None:
+        logger.info("%s: %s; preparing again, replacing it", out_dir, why)
+    else:
+        logger.info("preparing %s with the %s tokenizer into %s", where, tokenizer_kind, out_dir)
+
+    texts = _texts_of(data, files)
     tokenizer = _tokenizer_for(texts, tokenizer_kind, vocab_size, tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
 
@@ -221,7 +295,6 @@ def prepare(
     if eos_between_docs and not use_eos:
         logger.info("tokenizer %r has no end-of-text token: documents are concatenated without one", tokenizer.kind)
     eos = np.array([tokenizer.eos_token_id], dtype=dtype) if use_eos else None
-    where = "the default corpus" if data is None else data
     pieces = []
     for i, text in enumerate(texts):
         if eos is not None and i > 0:
@@ -241,13 +314,6 @@ def prepare(
             f"(train {len(train)}, val {len(val)}; each needs at least 2); use more data"
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "meta.json").exists():
-        (out_dir / "meta.json").unlink()  # the directory is incomplete until the new meta.json lands
-    for name, split in (("train.bin", train), ("val.bin", val)):
-        with atomic_file(out_dir / name, "wb") as f:
-            split.tofile(f)
-    tokenizer.save(out_dir / "tokenizer")
     meta = {
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
@@ -259,9 +325,16 @@ def prepare(
         "eos_between_docs": use_eos,
         "eos_token_id": tokenizer.eos_token_id,
         "val_fraction": val_fraction,
+        "fingerprint": fingerprint,
     }
-    with atomic_file(out_dir / "meta.json") as f:  # written last: a directory with meta.json is complete
-        f.write(json.dumps(meta, indent=2) + "\n")
+    with atomic_directory(out_dir) as tmp:  # renamed to out_dir only once every file is written
+        for name, split in (("train.bin", train), ("val.bin", val)):
+            with open(tmp / name, "wb") as f:
+                split.tofile(f)
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if why is not None:
+        logger.info("replaced %s with %d train and %d val tokens from %s", out_dir, len(train), len(val), where)
     return meta
 
 

@@ -162,8 +162,10 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "
 
 # --- data -----------------------------------------------------------------------------------------------------------
 def prepare_data(tc: TrainConfig, out_dir: Path) -> Path:
-    """The prepared directory for this run: train.prepared, or out_dir/data, prepared from train.data (None: the
-    default corpus) unless out_dir/data already holds the same source with the same tokenizer settings."""
+    """The prepared directory for this run: train.prepared, or out_dir/data. The run owns out_dir/data: it is reused
+    while its fingerprint (the source files' contents and the tokenizer settings, see data.prepare) is unchanged,
+    and prepared again from train.data (None: the default corpus), replacing it, when anything differs; the log says
+    which."""
     from minimax_gpt.data import prepare
 
     if tc.prepared is not None:
@@ -171,18 +173,8 @@ def prepare_data(tc: TrainConfig, out_dir: Path) -> Path:
             raise FileNotFoundError(f"train.prepared = {tc.prepared!r} has no meta.json; run `minimax-gpt prepare`")
         return Path(tc.prepared)
     data_dir = out_dir / "data"
-    want = {"source": "default_corpus" if tc.data is None else str(tc.data), "tokenizer": tc.tokenizer,
-            "val_fraction": tc.val_fraction}
-    meta_path = data_dir / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in want.items()) and (
-                tc.tokenizer_vocab_size is None or meta.get("vocab_size") == tc.tokenizer_vocab_size):
-            logger.info("reusing the prepared data in %s", data_dir)
-            return data_dir
-    logger.info("preparing %s with the %s tokenizer into %s", want["source"], tc.tokenizer, data_dir)
     prepare(tc.data, data_dir, tokenizer_kind=tc.tokenizer, vocab_size=tc.tokenizer_vocab_size,
-            tokenizer_path=tc.tokenizer_path, val_fraction=tc.val_fraction)
+            tokenizer_path=tc.tokenizer_path, val_fraction=tc.val_fraction, overwrite=True)
     return data_dir
 
 
