@@ -2,6 +2,7 @@
 are errors naming the key; the packaged configs parse and the repository's configs/ are identical copies."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,29 @@ def test_eval_prints_loss_and_perplexity(trained, capsys):
     assert "loss" in line and "perplexity" in line
     loss = float(line.split()[1])
     summary = json.loads((out / "summary.json").read_text())
-    assert loss == pytest.approx(summary["val_loss"], rel=0.05)  # all val windows vs the run's 2 batches
+    assert loss == pytest.approx(summary["val_loss"], rel=0.05)  # the run's settings: equal (test_train)
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "step-000003"),
                  "--data", str(write_corpus(tmp)), "--max-batches", "3"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_says_which_batches_it_used(trained, capsys, caplog):
+    _, out = trained
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="minimax_gpt"):
+        assert main(["eval", "--checkpoint", str(out)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert captured.out.startswith(f"loss {summary['val_loss']:.4f}  perplexity {summary['val_ppl']:.3f}  ")
+    assert (f"(2 batches of 2 x 16 windows spread over the validation split of {out / 'data'}, 64 tokens)"
+            in captured.out)  # the last phase's batch_size x seq_len, train.eval_batches = 2
+    assert ("the run's settings: phases.1.batch_size 2, phases.1.seq_len 16, train.eval_batches 2, "
+            "train.precision auto (fp32 here)" in caplog.text)  # logged: on stderr
+    assert main(["eval", "--checkpoint", str(out), "--max-batches", "all", "--batch-size", "8"]) == 0
+    line = capsys.readouterr().out  # 444 validation tokens: 27 windows of 16 (and the next token)
+    assert f"(every window of the validation split of {out / 'data'}: 4 batches of 8 x 16 windows, 432 tokens)" in line
+    assert main(["eval", "--checkpoint", str(out), "--max-batches", "many"]) == 2
+    assert "argument --max-batches: expected a number or all, got 'many'" in capsys.readouterr().err
 
 
 def test_resume_from_cli(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.checkpoint import load_model
 from minimax_gpt.run_config import PhaseConfig, TrainConfig, load_run_config
-from minimax_gpt.train import count_params, make_optimizer, train
+from minimax_gpt.train import count_params, evaluate_checkpoint, make_optimizer, train
 from train_helpers import poison_training_forward, write_config
 
 
@@ -57,6 +57,26 @@ def test_phases_switch_shape_and_schedule(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003", "step-000006"]
     evals = _records(out, "eval")
     assert [r["step"] for r in evals] == [3, 6] and all(math.isfinite(r["val_loss"]) for r in evals)
+
+
+def test_evaluate_checkpoint_reproduces_the_runs_validation_losses_exactly(tmp_path):
+    """By default eval validates as the run did (the batch shape of the checkpoint's phase, train.eval_batches windows
+    spread over the split, train.precision, train.loss_chunk_size), on the checkpoint's weights, which are the model
+    training evaluated: the final checkpoint gives summary.json's val_loss and the phase-boundary checkpoint its
+    metrics.jsonl record, bit for bit."""
+    out = tmp_path / "out"
+    summary = train(load_run_config(write_config(tmp_path, out), ["--train.loss_chunk_size", "5"]))
+    result = evaluate_checkpoint(out)
+    assert result["loss"] == summary["val_loss"] == json.loads((out / "summary.json").read_text())["val_loss"]
+    assert result["run_settings"] == {"phases.1.batch_size": 2, "phases.1.seq_len": 16, "train.eval_batches": 2,
+                                      "train.precision": "auto"}
+    assert (result["batches"], result["windows"], result["windows_total"], result["tokens"]) == (2, 4, 27, 4 * 16)
+    boundary = evaluate_checkpoint(out / "checkpoints" / "step-000003")
+    assert (boundary["batch_size"], boundary["seq_len"]) == (4, 8)  # phase 0's shape, as at step 3 in training
+    assert boundary["loss"] == _records(out, "eval")[0]["val_loss"]
+    whole = evaluate_checkpoint(out, max_batches="all")
+    assert (whole["windows"], whole["batches"], whole["tokens"]) == (27, 14, 27 * 16)
+    assert whole["loss"] != summary["val_loss"]
 
 
 def test_freeze_keeps_parameters(tmp_path):

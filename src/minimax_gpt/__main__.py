@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _count_or_all(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or all, got {text!r}") from None
+
+
 def _main(argv: list[str]) -> int:
     parser = _Parser(prog="minimax-gpt", description=__doc__.split("\n")[0],
                      epilog="--debug (with any command) or MINIMAX_GPT_DEBUG=1: show the traceback of a failure")
@@ -77,11 +86,17 @@ def _main(argv: list[str]) -> int:
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
     p.add_argument("--data", help="text file, folder, .jsonl or .parquet (default: the run's validation split)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--max-batches", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--batch-size", type=int, help="windows per batch (default: the batch_size of the run's phase "
+                                                  "that wrote the checkpoint: the last phase for a finished run)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: that phase's seq_len)")
+    p.add_argument("--max-batches", type=_count_or_all, metavar="N|all",
+                   help="evaluate at most N batches, their windows spread evenly over the data; all: every window "
+                        "(default: the run's train.eval_batches on its validation split, as training evaluated it; "
+                        "all with --data)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="fp32, bf16 (autocast), fp16 (CUDA), or auto: bf16 on CUDA with bf16 support, else fp32 "
+                        "(default: the run's train.precision)")
 
     p = sub.add_parser("generate", help="stream text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
@@ -148,10 +163,12 @@ def _out_dir_for_resume(overrides: list[str]) -> str:
 def _eval(args, _) -> int:
     from minimax_gpt.train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.seq_len, args.max_batches,
-                                 args.device, args.precision)
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  ({result['tokens']:,} tokens of "
-          f"{result['data']})")
+    r = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.seq_len, args.max_batches,
+                            args.device, args.precision)
+    shape = f"{r['batches']} batch{'es' if r['batches'] != 1 else ''} of {r['batch_size']} x {r['seq_len']} windows"
+    used = (f"{shape} spread over {r['data']}" if r["windows"] < r["windows_total"]
+            else f"every window of {r['data']}: {shape}")
+    print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({used}, {r['tokens']:,} tokens)")
     return 0
 
 
