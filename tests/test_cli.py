@@ -1,6 +1,7 @@
 """The `minimax-gpt` console script, in-process: train writes every output; generate and eval print; unknown keys
 are errors naming the key; the packaged configs parse and the repository's configs/ are identical copies."""
 
+import argparse
 import json
 import logging
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minimax_gpt.__main__ import main
+from minimax_gpt.__main__ import build_parser, main
 from minimax_gpt.run_config import load_run_config, packaged_configs
 from train_helpers import write_config, write_corpus
 
@@ -148,6 +149,33 @@ def test_python_dash_m_entry_point():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"]["n_layer"] == 2
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    """Every option of every subcommand has help text; one that takes a value and may be left out says what it
+    defaults to, and a default value is printed as "(default: VALUE)"."""
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == {"train", "eval", "generate", "prepare", "convert"}
+    for name, sub in subcommands.items():
+        assert sub.description, name
+        one_required = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
+        formatter = sub._get_formatter()
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        printed = " ".join(capsys.readouterr().out.split())
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            where = f"{name} {action.option_strings or action.dest}"
+            assert text.strip(), f"{where} has no help"
+            assert " ".join(text.split()) in printed, where
+            if action.default not in (None, False):
+                assert f"(default: {action.default})" in text, f"{where} does not show its default"
+            elif action.nargs != 0 and action.option_strings and not action.required and action not in one_required:
+                assert "(default: " in text, f"{where} does not say what happens without it"
 
 
 def test_prepare_command(tmp_path, capsys):

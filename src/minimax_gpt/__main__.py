@@ -58,16 +58,19 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _count_or_all(text: str) -> int | str:
-    if text == "all":
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help followed by "(default: VALUE)", unless the text already says its default (options whose
+    default is None or off say in words what happens without them)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
         return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or all, got {text!r}") from None
 
 
-def _main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `minimax-gpt` parser with every subcommand; every option has a help text that gives its default."""
     parser = _Parser(prog="minimax-gpt", description=__doc__.split("\n")[0],
                      epilog="--debug (with any command) or MINIMAX_GPT_DEBUG=1: show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,15 +78,25 @@ def _main(argv: list[str]) -> int:
     p = sub.add_parser("train", help="train a model from a config (default: the embedded default config)",
                        description="Train. Any config field is overridable with dotted flags: --model.n_layer 4, "
                                    "--train.precision bf16, --phases.0.iters 100, --phases.*.lr 3e-4.")
-    p.add_argument("--config", help="a TOML file or packaged config name (default, shakespeare_char_cpu, ...)")
-    p.add_argument("--data", help="text file, folder, .jsonl or .parquet (sets train.data)")
-    p.add_argument("--prepared", help="a directory written by `minimax-gpt prepare` (sets train.prepared)")
-    p.add_argument("--out", help="output directory (sets train.out_dir)")
+    p.add_argument("--config", help="a TOML file or packaged config name: default, shakespeare_char_cpu, "
+                                    "shakespeare_char_cpu_hybrid, minimax_200k (default: the embedded default "
+                                    "config; with --resume, the run's saved config)")
+    p.add_argument("--data", help="text file, folder, .jsonl or .parquet to train on; sets train.data (default: the "
+                                  "config's, and for the default config this interpreter's standard-library sources)")
+    p.add_argument("--prepared", help="a directory written by `minimax-gpt prepare`, used instead of --data; sets "
+                                      "train.prepared (default: the config's, else --data is prepared into OUT/data)")
+    p.add_argument("--out", help="output directory; sets train.out_dir (default: the config's, 'out' for the "
+                                 "default config)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                   help="continue from the latest checkpoint of the output directory, or of DIR")
+                   help="continue from the latest checkpoint of the output directory, or of DIR (default: start a "
+                        "new run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
-    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
+                       description="Loss and perplexity of a checkpoint. By default on the run's validation split "
+                                   "with the run's own evaluation settings (the batch shape of the checkpoint's "
+                                   "phase, train.eval_batches batches spread over the split, train.precision), so "
+                                   "a finished run's final checkpoint gives summary.json's val_loss exactly.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
     p.add_argument("--data", help="text file, folder, .jsonl or .parquet (default: the run's validation split)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: the batch_size of the run's phase "
@@ -98,23 +111,32 @@ def _main(argv: list[str]) -> int:
                    help="fp32, bf16 (autocast), fp16 (CUDA), or auto: bf16 on CUDA with bf16 support, else fp32 "
                         "(default: the run's train.precision)")
 
-    p = sub.add_parser("generate", help="stream text from a checkpoint")
+    p = sub.add_parser("generate", help="stream text from a checkpoint",
+                       description="Continue --prompt with text sampled from a checkpoint (which needs its "
+                                   "tokenizer/), printed as it is produced.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or training output directory")
     p.add_argument("--prompt", required=True, help="the text to continue (not empty)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate after the prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only (default: all tokens)")
+    p.add_argument("--top-p", type=float,
+                   help="sample from the fewest most likely tokens whose probabilities reach p (default: off)")
+    p.add_argument("--seed", type=int, help="seed of the sampling, for reproducible text (default: unseeded)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
 
-    p = sub.add_parser("prepare", help="tokenize data once into memory-mapped token files")
+    p = sub.add_parser("prepare", help="tokenize data once into memory-mapped token files",
+                       description="Tokenize data once into --out: train.bin, val.bin (the last --val-fraction of "
+                                   "the tokens), tokenizer/ and meta.json; `minimax-gpt train --prepared DIR` trains "
+                                   "from it.")
     p.add_argument("--data", help="text file, folder, .jsonl or .parquet (default: the stdlib corpus)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin, tokenizer/ and meta.json to")
     p.add_argument("--tokenizer", default="bytes", help="bytes, char, bpe, tiktoken or hf")
-    p.add_argument("--vocab-size", type=int, help="size of the BPE to train (--tokenizer bpe)")
-    p.add_argument("--tokenizer-path", help="tiktoken encoding name or .tiktoken file, or hf tokenizer directory")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--vocab-size", type=int, help="size of the BPE to train; required by --tokenizer bpe, for other "
+                                                  "tokenizers a check (default: the tokenizer's own size)")
+    p.add_argument("--tokenizer-path", help="tiktoken encoding name or .tiktoken file, or hf tokenizer directory; "
+                                            "required by --tokenizer tiktoken and hf (default: none)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last fraction of the tokens, held out as the validation split")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is not empty and not data prepared from this source with these "
                         "settings (without it such a folder is refused and left as it is)")
@@ -122,7 +144,22 @@ def _main(argv: list[str]) -> int:
     from minimax_gpt.hf import add_convert_parser
 
     add_convert_parser(sub)
+    for p in sub.choices.values():
+        p.formatter_class = _HelpFormatter
+    return parser
 
+
+def _count_or_all(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or all, got {text!r}") from None
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
