@@ -2,6 +2,7 @@
 are errors naming the key; the packaged configs parse and the repository's configs/ are identical copies."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from minimax_gpt import MiniMaxConfig
 from minimax_gpt.__main__ import build_parser, main
+from minimax_gpt.data import prepare
 from minimax_gpt.run_config import load_run_config, packaged_configs
 from train_helpers import write_config, write_corpus
 
@@ -176,6 +179,36 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
                 assert f"(default: {action.default})" in text, f"{where} does not show its default"
             elif action.nargs != 0 and action.option_strings and not action.required and action not in one_required:
                 assert "(default: " in text, f"{where} does not say what happens without it"
+
+
+def test_print_config_shows_every_model_field_resolved_and_marks_the_derived_ones(tmp_path, capsys):
+    config = write_config(tmp_path, tmp_path / "out")  # char tokenizer; [model] sets intermediate_size
+    assert main(["train", "--config", str(config), "--print-config", "--model.n_kv_head", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["n_embd"] == 16 and "head_dim" not in printed["model"]  # as given
+    resolved = printed["model_resolved"]
+    fields = [f.name for f in dataclasses.fields(MiniMaxConfig) if not f.name.startswith("_")]
+    assert list(resolved) == fields
+    assert printed["model_derived"] == ["vocab_size", "block_size", "head_dim", "rotary_dim", "layer_types"]
+    assert resolved["block_size"] == 16  # the longest phase's seq_len
+    assert (resolved["head_dim"], resolved["rotary_dim"], resolved["n_kv_head"]) == (8, 8, 1)
+    assert resolved["intermediate_size"] == 32 and resolved["layer_types"] == ["lightning", "softmax"]
+    assert resolved["vocab_size"] == "the tokenizer's, known at train time"  # char: it depends on the text
+    assert (printed["train"], printed["phases"]) == (load_run_config(config).to_dict()["train"],
+                                                     load_run_config(config).to_dict()["phases"])
+    assert main(["train", "--print-config"]) == 0  # the default config: the bytes tokenizer has 256
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model_resolved"]["vocab_size"] == ("the tokenizer's, known at train time (256 for the bytes "
+                                                       "tokenizer)")
+    assert "intermediate_size" not in printed["model_derived"] and printed["model_resolved"]["head_dim"] == 32
+    assert main(["train", "--print-config", "--model.vocab_size", "300"]) == 0  # set: not derived
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model_resolved"]["vocab_size"] == 300 and "vocab_size" not in printed["model_derived"]
+    prepare(write_corpus(tmp_path), tmp_path / "prepared", tokenizer_kind="char")
+    assert main(["train", "--print-config", "--prepared", str(tmp_path / "prepared")]) == 0  # its meta.json says
+    vocab = json.loads((tmp_path / "prepared" / "meta.json").read_text())["vocab_size"]
+    assert json.loads(capsys.readouterr().out)["model_resolved"]["vocab_size"] == (
+        f"the tokenizer's, known at train time ({vocab} in {tmp_path / 'prepared'})")
 
 
 def test_prepare_command(tmp_path, capsys):

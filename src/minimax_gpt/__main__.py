@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue from the latest checkpoint of the output directory, or of DIR (default: start a "
                         "new run)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON, with the model's derived fields, and exit")
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
                        description="Loss and perplexity of a checkpoint. By default on the run's validation split "
@@ -181,7 +182,7 @@ def _train(args, overrides: list[str]) -> int:
         base = load_saved_run_config(resolve_checkpoint(where))
     run = load_run_config(args.config, overrides, base=base)
     if args.print_config:
-        print(json.dumps(run.to_dict(), indent=2))
+        print(json.dumps(run.to_resolved_dict(), indent=2))
         return 0
     summary = train(run, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports

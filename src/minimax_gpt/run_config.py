@@ -25,6 +25,7 @@ and edit (a test keeps them identical). `load_run_config(None)` is the embedded 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from collections.abc import Callable
@@ -181,6 +182,37 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), "train": dataclasses.asdict(self.train),
                 "phases": [dataclasses.asdict(p) for p in self.phases]}
+
+    def to_resolved_dict(self) -> dict[str, Any]:
+        """`to_dict()` with, after "model" (the [model] table as given), "model_resolved": every MiniMaxConfig field
+        as the model will have it, and "model_derived": the names of the resolved fields that [model] leaves unset
+        and that are derived (block_size from the phases, vocab_size from the tokenizer, the rest in
+        MiniMaxConfig.__post_init__). vocab_size is known only once the tokenizer is built at train time, so unless
+        [model] sets it, it is a sentence saying so, with the number when that is known without reading the data
+        (the bytes tokenizer, or the meta.json of train.prepared)."""
+        resolved = self.model_config(vocab_size=self.model.get("vocab_size") or 1)
+        derived = [name for name in ("vocab_size", "block_size") if self.model.get(name) is None]
+        derived += [name for name in resolved._derived if name not in derived]
+        model_resolved = resolved.to_dict()
+        if self.model.get("vocab_size") is None:
+            model_resolved["vocab_size"] = self._vocab_size_note()
+        d = self.to_dict()
+        return {"model": d["model"], "model_resolved": model_resolved, "model_derived": derived,
+                "train": d["train"], "phases": d["phases"]}
+
+    def _vocab_size_note(self) -> str:
+        known = None
+        if self.train.prepared is not None:
+            try:
+                meta = json.loads((Path(self.train.prepared) / "meta.json").read_text())
+                known = f"{meta['vocab_size']} in {self.train.prepared}"
+            except (OSError, ValueError, TypeError, KeyError):
+                pass
+        elif self.train.tokenizer == "bytes":
+            from minimax_gpt.tokenizer import ByteTokenizer
+
+            known = f"{ByteTokenizer.vocab_size} for the bytes tokenizer"
+        return "the tokenizer's, known at train time" + (f" ({known})" if known else "")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
