@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "new run)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON, with the model's derived fields, and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train a fresh run into a folder that holds one: the old run is moved to a sibling "
+                        "<folder>.old-<time> first (nothing is deleted)")
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
                        description="Loss and perplexity of a checkpoint. By default on the run's validation split "
@@ -171,20 +174,24 @@ def _main(argv: list[str]) -> int:
 def _train(args, overrides: list[str]) -> int:
     from minimax_gpt.checkpoint import load_saved_run_config, resolve_checkpoint
     from minimax_gpt.run_config import load_run_config
+    from minimax_gpt.runfolder import run_folder_of
     from minimax_gpt.train import train
 
     for flag, key in (("data", "train.data"), ("prepared", "train.prepared"), ("out", "train.out_dir")):
         if getattr(args, flag) is not None:
             overrides = [f"--{key}", json.dumps(getattr(args, flag))] + overrides
-    base = None
-    if args.resume and args.config is None:
-        where = args.resume if args.resume is not True else _out_dir_for_resume(overrides)
-        base = load_saved_run_config(resolve_checkpoint(where))
+    base, resume = None, args.resume
+    if args.resume:
+        resume = resolve_checkpoint(args.resume if args.resume is not True else _out_dir_for_resume(overrides))
+        if (folder := run_folder_of(resume)) is not None:  # the run goes on in its own folder, wherever it was
+            overrides = ["--train.out_dir", json.dumps(str(folder))] + overrides  # copied (unless --out says else)
+        if args.config is None:
+            base = load_saved_run_config(resume)
     run = load_run_config(args.config, overrides, base=base)
     if args.print_config:
         print(json.dumps(run.to_resolved_dict(), indent=2))
         return 0
-    summary = train(run, resume=args.resume)
+    summary = train(run, resume=resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps(summary, indent=2))
     if summary.get("interrupted"):  # stopped by a signal, checkpoint saved: the shell's 128 + signal number
@@ -193,9 +200,12 @@ def _train(args, overrides: list[str]) -> int:
 
 
 def _out_dir_for_resume(overrides: list[str]) -> str:
-    from minimax_gpt.run_config import load_run_config
+    """train.out_dir as the command line sets it (else the default's), read without applying the other overrides,
+    which belong to the run being resumed, not to the default config."""
+    from minimax_gpt.run_config import TrainConfig, parse_overrides
 
-    return load_run_config(None, overrides).train.out_dir
+    given = [value for key, value in parse_overrides(overrides) if key == "train.out_dir"]
+    return str(given[-1]) if given else TrainConfig.out_dir
 
 
 def _eval(args, _) -> int:

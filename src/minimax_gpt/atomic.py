@@ -21,6 +21,35 @@ def _sibling_name(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings in `folder` that a killed process left behind (a kill -9 during a write cannot
+    clean up): those named by `_sibling_name` for a pid that is no longer running. Returns what was deleted."""
+    import re
+
+    removed = []
+    folder = Path(folder)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        found = re.fullmatch(r"\..+\.(?:tmp|old|deleted)-(\d+)-[0-9a-f]{8}", path.name)
+        if found is None or int(found.group(1)) == os.getpid() or _running(int(found.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fresh_sibling(path: str | os.PathLike, tag: str) -> Path:
     """A new empty directory next to `path` (hidden, unique)."""
     sibling = _sibling_name(Path(path), tag)

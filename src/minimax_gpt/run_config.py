@@ -13,7 +13,8 @@
     warmup_iters = 50
 
 Any field can be overridden from the command line as `--model.n_layer 4`, `--train.lr=3e-4`-style dotted flags
-(`--phases.0.iters 10` for one phase, `--phases.*.iters 10` for all); values are parsed as TOML values (`4`, `3e-4`,
+(`--phases.0.iters 10` for one phase, `--phases.*.iters 10` for all, `--phases.N.FIELD` with N one past the last
+to add a phase); values are parsed as TOML values (`4`, `3e-4`,
 `true`, `"text"`, `["a", "b"]`), a bare word that is not valid TOML is taken as a string, and `none` means None.
 An unknown key, in a file or on the command line, raises ValueError naming it.
 
@@ -325,8 +326,13 @@ def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
             targets = phases
         elif parts[1].isdigit() and int(parts[1]) < len(phases):
             targets = [phases[int(parts[1])]]
+        elif parts[1] == str(len(phases)):  # one past the last: a new phase (its other fields must follow)
+            phases.append({})
+            doc["phases"] = phases
+            targets = [phases[-1]]
         else:
-            raise ValueError(f"{key}: no phase {parts[1]!r}; the config has {len(phases)} phase(s), numbered from 0")
+            raise ValueError(f"{key}: no phase {parts[1]!r}; the config has {len(phases)} phase(s), numbered from 0 "
+                             f"(phases.{len(phases)}.FIELD adds one)")
         for p in targets:
             p[parts[2]] = value
         return

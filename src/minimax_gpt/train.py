@@ -48,8 +48,9 @@ from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, l
 from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
-from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, any_rank, evaluate_sharded,
-                                     main_process_first, parallelize, reshard, seed_rank, shard_training_data)
+from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, any_rank, barrier,
+                                     evaluate_sharded, main_process_first, parallelize, reshard, seed_rank,
+                                     shard_training_data)
 from minimax_gpt.distributed import setup as setup_distributed
 from minimax_gpt.faults import BadStepTracker, GracefulStop
 from minimax_gpt.model import EnhancedMiniMaxGPT
@@ -284,14 +285,71 @@ class Progress:
     skipped_steps: int = 0
 
 
-def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
+def resume_position(saved: Progress, saved_run: dict[str, Any] | None, phases: list[PhaseConfig],
+                    where: Path) -> Progress:
+    """Where a resumed run continues in `phases`, the recipe it resumes with. A run stopped inside a phase goes on
+    where it stopped. A finished run goes on only if the recipe grew: into the first added phase, or into its last
+    phase when that has more iters now, which is allowed only when the longer phase gives its already trained steps
+    the same learning rates (cosine decay spreads over iters, so usually only min_lr = lr or warm-up steps do).
+    The completed phases must keep their iters. Anything else raises ValueError naming the fix."""
+    if saved_run is None:
+        return saved
+    old = [PhaseConfig(**p) for p in saved_run["phases"]]
+    done = old[:min(saved.phase, len(old) - 1)]  # a finished run's last phase may grow: checked below
+    for i, (a, b) in enumerate(zip(done, phases)):
+        if a.iters != b.iters:
+            raise ValueError(f"{where}: phase {i + 1} is complete with {a.iters} steps; the recipe now gives it "
+                             f"{b.iters}; a completed phase keeps its iters (extend the last phase or add one)")
+    if len(phases) < min(saved.phase, len(old)):
+        raise ValueError(f"{where}: the run completed {saved.phase} phases; the recipe now has {len(phases)}")
+    if saved.phase < len(old):  # stopped inside (or at the start of) a phase
+        if saved.phase_step >= phases[saved.phase].iters:
+            raise ValueError(f"{where}: phase {saved.phase + 1} already trained {saved.phase_step} steps; its iters "
+                             f"must stay above that (got {phases[saved.phase].iters})")
+        return saved
+    last, trained = saved.phase - 1, old[-1].iters
+    if phases[last].iters < trained:
+        raise ValueError(f"{where}: phase {last + 1} is complete with {trained} steps; the recipe now gives it "
+                         f"{phases[last].iters}; a phase's iters can grow, not shrink")
+    if phases[last].iters > trained:
+        longer = phases[last]
+        if any(old[-1].lr_at(i) != longer.lr_at(i) for i in range(trained)):
+            raise ValueError(
+                f"{where}: cannot extend phase {last + 1} from {trained} to {longer.iters} steps: its learning rate "
+                f"decays over its iters, so the {trained} steps it trained would not be those of the longer phase; "
+                f"add a phase instead (--phases.{len(phases)}.iters N with seq_len, batch_size, lr and min_lr), or "
+                f"give the phase min_lr = lr from the start")
+        return dataclasses.replace(saved, phase=last, phase_step=trained)
+    if len(phases) > len(old):
+        return saved  # the next phase is the first added one
+    raise ValueError(f"{where}: the run is complete ({saved.step} steps in {len(old)} phases) and the recipe is "
+                     f"unchanged; to train more, add a phase (--phases.{len(old)}.iters N with seq_len, batch_size, "
+                     f"lr and min_lr) or raise the last phase's iters")
+
+
+def train(run: RunConfig, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> dict[str, Any]:
     """Run every phase of `run` (from a checkpoint when `resume` is True, meaning the latest in train.out_dir, or a
-    checkpoint / output directory); returns the summary written to summary.json."""
+    checkpoint / output directory); returns the summary written to summary.json.
+
+    The run holds train.out_dir for itself (minimax_gpt.runfolder): a folder in use by another process is refused,
+    and so is a folder that holds a run, unless this is that run's resume or `overwrite` (the old run is moved to a
+    sibling folder). Resuming a finished run whose recipe grew (an added phase, or more iters in the last phase when
+    that does not change the learning rate of its trained steps) trains just the new steps (`resume_position`)."""
+    from minimax_gpt.runfolder import claim, run_folder_of
+
+    dctx = setup_distributed(run.train.parallel, run.train.device)  # a process group for parallel = "ddp" / "fsdp"
+    out_dir = Path(run.train.out_dir)
+    ckpt = resolve_checkpoint(out_dir if resume is True else resume) if resume else None
+    continuing = ckpt is not None and run_folder_of(ckpt) == out_dir.resolve()
+    with claim(out_dir, continuing=continuing, overwrite=overwrite, enabled=dctx.is_main):
+        barrier(dctx)  # the other ranks start once rank 0 holds the folder
+        return _train(run, ckpt, dctx)
+
+
+def _train(run: RunConfig, ckpt: Path | None, dctx) -> dict[str, Any]:
     tc = run.train
     wall_start = time.perf_counter()
     out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dctx = setup_distributed(tc.parallel, tc.device)  # a process group for parallel = "ddp" / "fsdp"
     device = dctx.device
     precision = resolve_precision(tc.precision, device)
     if tc.threads:
@@ -301,7 +359,11 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
 
         logger.info("host memory: %s", "large tensors reuse freed heap memory (glibc mallopt; train.tune_malloc = "
                     "false keeps glibc's defaults)" if tune_malloc() else "no glibc mallopt here, defaults kept")
-    ckpt = resolve_checkpoint(out_dir if resume is True else resume) if resume else None
+    saved_progress = None
+    if ckpt is not None:  # where the recipe continues: checked before anything is prepared or written
+        saved_progress = resume_position(
+            Progress(**load_trainer_state(ckpt, required=("progress",))["progress"]), load_saved_run_config(ckpt),
+            run.phases, ckpt)
 
     from minimax_gpt.data import TokenDataset
     from minimax_gpt.tokenizer import load_tokenizer
@@ -344,7 +406,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
             _set_rng_state(per_rank[dctx.rank], data_gen)
         else:
             seed_rank(tc.seed, dctx, step=state["progress"]["step"])
-        progress = Progress(**state["progress"])
+        progress = saved_progress
         logger.info("resumed from %s at step %d (phase %d, step %d of it)", ckpt, progress.step,
                     progress.phase + 1, progress.phase_step)
     params, active_params = count_params(model)
@@ -357,6 +419,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     boundaries = [sum(p.iters for p in run.phases[:i + 1]) for i in range(len(run.phases) - 1)]
     run_dict = run.to_dict()
     run_dict["train"]["stop_after"] = None  # an interruption, not part of the recipe a resume continues
+    run_dict["train"].update(_portable_paths(tc))
     recent = collections.deque(maxlen=20)  # train losses of the last steps, for summary.json
     last_eval: dict[str, Any] = {}
     train_seconds, session_tokens = 0.0, 0
@@ -515,6 +578,19 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False) -> dict[str,
     return summary
 
 
+def _portable_paths(tc: TrainConfig) -> dict[str, Any]:
+    """The paths a run records: its own files relative to its folder (out_dir "."; prepared data inside it), so the
+    folder can be moved or copied; the data it read, absolute, so a resume from another directory finds it."""
+    out_dir = Path(tc.out_dir).resolve()
+    paths: dict[str, Any] = {"out_dir": "."}
+    if tc.prepared is not None:
+        prepared = Path(tc.prepared).resolve()
+        paths["prepared"] = str(prepared.relative_to(out_dir) if prepared.is_relative_to(out_dir) else prepared)
+    if tc.data is not None:
+        paths["data"] = str(Path(tc.data).resolve())
+    return paths
+
+
 def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc: TrainConfig,
                 device: torch.device, precision: str):
     """One optimizer step over grad_accum_steps micro-batches -> (mean loss, last output, grad norm)."""
@@ -629,7 +705,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
             prepare(data, tmp, tokenizer_kind=tokenizer.kind, tokenizer_path=path / TOKENIZER_DIR, val_fraction=0.0)
             dataset, source = TokenDataset(tmp, "train"), str(data)
         else:
-            prepared = _run_data_dir(run)
+            prepared = _run_data_dir(run, path)
             if prepared is None:
                 raise ValueError(f"{path}: the run's prepared data was not found; pass data (--data PATH)")
             dataset, source = TokenDataset(prepared, "val"), f"the validation split of {prepared}"
@@ -661,9 +737,17 @@ def _checkpoint_phase(path: Path, run: dict[str, Any] | None) -> tuple[int | Non
     return len(phases) - 1, phases[-1]
 
 
-def _run_data_dir(run: dict[str, Any] | None) -> Path | None:
+def _run_data_dir(run: dict[str, Any] | None, checkpoint: Path) -> Path | None:
+    """The prepared data a run trained on: train.prepared, or the run folder's data/. Relative paths are relative to
+    the run folder (the one holding the checkpoint's checkpoints/), so a moved or copied run finds its own data."""
+    from minimax_gpt.runfolder import run_folder_of
+
     if not run:
         return None
     tc = run["train"]
-    candidate = Path(tc["prepared"]) if tc.get("prepared") else Path(tc["out_dir"]) / "data"
-    return candidate if (candidate / "meta.json").is_file() else None
+    folder = run_folder_of(checkpoint) or Path(tc["out_dir"])
+    if tc.get("prepared"):
+        candidates = [folder / tc["prepared"]]  # an absolute path stays itself
+    else:  # out_dir was saved as an absolute path before runs were relocatable
+        candidates = [folder / "data", Path(tc["out_dir"]) / "data"]
+    return next((c for c in candidates if (c / "meta.json").is_file()), None)
