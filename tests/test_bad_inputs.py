@@ -141,6 +141,8 @@ ROWS = [
     ("train: zero layers", lambda w, t: _train(w, t, "--model.n_layer", "0"), "n_layer must be >= 1, got 0"),
     ("train: zero-length phase", lambda w, t: _train(w, t, "--phases.0.seq_len", "0"),
      "phase seq_len must be >= 1, got 0"),
+    ("train: phases shortened below their warm-up", lambda w, t: _train(w, t, "--phases.*.warmup_iters", "5"),
+     "when shortening phases lower it too (e.g. --phases.*.iters 3 --phases.*.warmup_iters 1)"),
     # --- data files -----------------------------------------------------------------------------------------------
     ("train: missing data file", lambda w, t: _train(w, t, "--data", str(t / "nope.txt")), "does not exist"),
     ("train: empty data file", lambda w, t: _train(w, t, "--data", str(w.files / "empty.txt")), "no text"),
@@ -278,8 +280,9 @@ def test_bad_input(row, w, tmp_path, monkeypatch, capsys):
     before = _snapshot(w.tmp, tmp_path)
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2, err
+    assert out == "", out  # nothing printed before the error (generate echoes the prompt only once it runs)
     assert "Traceback" not in err
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith(f"minimax-gpt {argv[0]}: error: "), err

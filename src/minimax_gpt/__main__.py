@@ -229,11 +229,10 @@ def _generate(args, _) -> int:
     model, tokenizer = load_model(args.checkpoint, device=resolve_device(args.device))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ directory; cannot turn a prompt into tokens")
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                             args.top_p, args.seed):
-        sys.stdout.write(piece)
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                         args.top_p, args.seed)
+    for i, piece in enumerate(pieces):  # the prompt is echoed once it has been accepted and generation runs
+        sys.stdout.write(args.prompt + piece if i == 0 else piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

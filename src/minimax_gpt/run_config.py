@@ -67,7 +67,8 @@ class PhaseConfig:
         if not (0 <= self.min_lr <= self.lr):
             raise ValueError(f"phase min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if not 0 <= self.warmup_iters <= self.iters:
-            raise ValueError(f"phase warmup_iters must be in [0, iters={self.iters}], got {self.warmup_iters}")
+            raise ValueError(f"phase warmup_iters must be in [0, iters={self.iters}], got {self.warmup_iters}; when "
+                             f"shortening phases lower it too (e.g. --phases.*.iters 3 --phases.*.warmup_iters 1)")
 
     def lr_at(self, i: int) -> float:
         """Learning rate of the phase's step i (0-based)."""
