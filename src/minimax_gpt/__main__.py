@@ -74,7 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minimax-gpt", description=__doc__.split("\n")[0],
                      epilog="--debug (with any command) or MINIMAX_GPT_DEBUG=1: show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_generate, _add_prepare):
+        add(sub)
+    from minimax_gpt.hf import add_convert_parser
 
+    add_convert_parser(sub)
+    for p in sub.choices.values():
+        p.formatter_class = _HelpFormatter
+    return parser
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a config (default: the embedded default config)",
                        description="Train. Any config field is overridable with dotted flags: --model.n_layer 4, "
                                    "--train.precision bf16, --phases.0.iters 100, --phases.*.lr 3e-4.")
@@ -96,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a fresh run into a folder that holds one: the old run is moved to a sibling "
                         "<folder>.old-<time> first (nothing is deleted)")
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
                        description="Loss and perplexity of a checkpoint. By default on the run's validation split "
                                    "with the run's own evaluation settings (the batch shape of the checkpoint's "
@@ -115,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32, bf16 (autocast), fp16 (CUDA), or auto: bf16 on CUDA with bf16 support, else fp32 "
                         "(default: the run's train.precision)")
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream text from a checkpoint",
                        description="Continue --prompt with text sampled from a checkpoint (which needs its "
                                    "tokenizer/), printed as it is produced.")
@@ -128,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampling, for reproducible text (default: unseeded)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize data once into memory-mapped token files",
                        description="Tokenize data once into --out: train.bin, val.bin (the last --val-fraction of "
                                    "the tokens), tokenizer/ and meta.json; `minimax-gpt train --prepared DIR` trains "
@@ -144,13 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is not empty and not data prepared from this source with these "
                         "settings (without it such a folder is refused and left as it is)")
-
-    from minimax_gpt.hf import add_convert_parser
-
-    add_convert_parser(sub)
-    for p in sub.choices.values():
-        p.formatter_class = _HelpFormatter
-    return parser
 
 
 def _count_or_all(text: str) -> int | str:

@@ -235,6 +235,36 @@ def _prepared_meta(out_dir: Path) -> tuple[dict | None, str | None]:
     return meta, None
 
 
+def _tokenize(texts: list[str], tokenizer: Tokenizer, where, tokenizer_path, val_fraction: float,
+              eos_between_docs: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train tokens, val tokens, whether an end-of-text id separates documents): the documents encoded and
+    joined, split nanoGPT's way (the first int(n * (1 - val_fraction)) tokens are train)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    use_eos = eos_between_docs and tokenizer.eos_token_id is not None
+    if eos_between_docs and not use_eos:
+        logger.info("tokenizer %r has no end-of-text token: documents are concatenated without one", tokenizer.kind)
+    eos = np.array([tokenizer.eos_token_id], dtype=dtype) if use_eos else None
+    pieces = []
+    for i, text in enumerate(texts):
+        if eos is not None and i > 0:
+            pieces.append(eos)
+        try:
+            pieces.append(np.asarray(tokenizer.encode(text), dtype=dtype))
+        except ValueError as e:  # a reused tokenizer (tokenizer_path) that does not cover this text
+            by = f"the {tokenizer.kind} tokenizer" + (f" from {tokenizer_path}" if tokenizer_path is not None else "")
+            raise ValueError(f"{where}: {e}; {by} cannot encode this text: use text it covers or another "
+                             "tokenizer") from None
+    tokens = np.concatenate(pieces)
+    n_train = int(len(tokens) * (1.0 - val_fraction))
+    train, val = tokens[:n_train], tokens[n_train:]
+    if len(train) < 2 or (val_fraction > 0 and len(val) < 2):
+        raise ValueError(
+            f"{where}: {len(tokens)} tokens are too few to split with val_fraction={val_fraction} "
+            f"(train {len(train)}, val {len(val)}; each needs at least 2); use more data"
+        )
+    return train, val, use_eos
+
+
 def prepare(
     data: str | os.PathLike | None,
     out_dir: str | os.PathLike,
@@ -289,31 +319,8 @@ def prepare(
 
     texts = _texts_of(data, files)
     tokenizer = _tokenizer_for(texts, tokenizer_kind, vocab_size, tokenizer_path)
-    dtype = token_dtype(tokenizer.vocab_size)
-
-    use_eos = eos_between_docs and tokenizer.eos_token_id is not None
-    if eos_between_docs and not use_eos:
-        logger.info("tokenizer %r has no end-of-text token: documents are concatenated without one", tokenizer.kind)
-    eos = np.array([tokenizer.eos_token_id], dtype=dtype) if use_eos else None
-    pieces = []
-    for i, text in enumerate(texts):
-        if eos is not None and i > 0:
-            pieces.append(eos)
-        try:
-            pieces.append(np.asarray(tokenizer.encode(text), dtype=dtype))
-        except ValueError as e:  # a reused tokenizer (tokenizer_path) that does not cover this text
-            by = f"the {tokenizer.kind} tokenizer" + (f" from {tokenizer_path}" if tokenizer_path is not None else "")
-            raise ValueError(f"{where}: {e}; {by} cannot encode this text: use text it covers or another "
-                             "tokenizer") from None
-    tokens = np.concatenate(pieces)
-    n_train = int(len(tokens) * (1.0 - val_fraction))
-    train, val = tokens[:n_train], tokens[n_train:]
-    if len(train) < 2 or (val_fraction > 0 and len(val) < 2):
-        raise ValueError(
-            f"{where}: {len(tokens)} tokens are too few to split with val_fraction={val_fraction} "
-            f"(train {len(train)}, val {len(val)}; each needs at least 2); use more data"
-        )
-
+    train, val, use_eos = _tokenize(texts, tokenizer, where, tokenizer_path, val_fraction, eos_between_docs)
+    dtype = train.dtype
     meta = {
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
