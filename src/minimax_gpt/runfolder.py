@@ -129,6 +129,13 @@ def _check_lock(out_dir: Path) -> None:
         holder = {}
     if not isinstance(holder, dict):
         holder = {}
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # released meanwhile
+        return
+    if not holder and age < 10:  # another process is writing it right now
+        raise RunFolderError(f"{out_dir} is being claimed by another run (its {LOCK_NAME} is being written); "
+                             f"try again in a moment or train into another folder with --out")
     here = str(out_dir.resolve())
     if holder.get("host") != socket.gethostname() and holder.get("folder") == here:
         raise RunFolderError(
