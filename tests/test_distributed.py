@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     freeze = ["--phases.1.freeze", '["wte", "blocks.0"]']  # the tied embedding too; after the step-3 evaluation
     out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ref_freeze", "ddp", "fsdp", "fsdp_dense",
                                           "ddp_accum", "ddp_freeze", "fsdp_freeze", "fsdp_resume", "fsdp_from_plain",
-                                          "one_from_fsdp", "ddp_sigterm")}
+                                          "one_from_fsdp", "ddp_from_fsdp", "ddp_sigterm")}
     _run(config, out["ref"])
     _run(config, out["ref_dense"], *dense)
     _run(config, out["ref_accum"], *accum)
@@ -101,8 +101,10 @@ def runs(tmp_path_factory):
         (config, out["ddp_accum"], ["--train.parallel", "ddp", *accum], False),
         (config, out["ddp_freeze"], ["--train.parallel", "ddp", *freeze], False),
         (config, out["fsdp_freeze"], ["--train.parallel", "fsdp", *freeze], False),
-        # a 2-rank distributed checkpoint resumed on 2 ranks, and a plain 1-process checkpoint resumed on 2 ranks
+        # a 2-rank distributed checkpoint resumed on 2 FSDP ranks and on 2 DDP ranks (DCP read into DDP's unwrapped
+        # module), and a plain 1-process checkpoint resumed on 2 ranks
         (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
+        (config, out["ddp_from_fsdp"], ["--train.parallel", "ddp"], str(out["fsdp"] / step3)),
         (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(out["ref"] / step3)),
         # SIGTERM reaches rank 1 only, during step 2
         (config, out["ddp_sigterm"], ["--train.parallel", "ddp"], False, (1, 2)),
@@ -161,6 +163,26 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(runs):
     _assert_same(_losses(runs["fsdp_resume"]), ref, after)
     _assert_same(_losses(runs["one_from_fsdp"]), ref, after)
     _assert_same(_losses(runs["fsdp_from_plain"]), ref, after)
+
+
+def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_on_two_ddp_ranks(runs):
+    """Issue 16: the 2-rank FSDP checkpoint of step 3 (sharded DCP) resumed by one process, by 2 DDP ranks and by 2
+    FSDP ranks: the next step's loss (step 4, the first after the resume) is the uninterrupted runs' step 4, and so is
+    the rest of the curve (steps 4-6 and the step-6 validation)."""
+    from minimax_gpt.dist_checkpoint import is_distributed_checkpoint
+
+    assert is_distributed_checkpoint(runs["fsdp"] / "checkpoints" / "step-000003")
+    ref, fsdp = _losses(runs["ref"]), _losses(runs["fsdp"])
+    assert abs(fsdp[("train", 4)] - ref[("train", 4)]) < TOL
+    for name in ("one_from_fsdp", "ddp_from_fsdp", "fsdp_resume"):
+        got = _losses(runs[name])
+        assert min(step for _, step in got) == 4, (name, sorted(got))  # a new folder: the resumed steps only
+        for want in (ref, fsdp):
+            assert abs(got[("train", 4)] - want[("train", 4)]) < TOL, (name, got[("train", 4)], want[("train", 4)])
+            _assert_same(got, want, range(4, 7))
+    trainer_state = torch.load(runs["ddp_from_fsdp"] / "checkpoints" / "step-000006" / "trainer_state.pt",
+                               weights_only=False)
+    assert trainer_state["parallel"] == "ddp" and trainer_state["world_size"] == 2
 
 
 def test_distributed_checkpoint_converts_to_the_plain_format(runs, tmp_path):
