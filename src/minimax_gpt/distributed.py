@@ -93,7 +93,7 @@ def setup(parallel: str, device_name: str = "auto") -> DistContext:
         if world_size > 1:
             raise ValueError(f"launched as rank {rank} of WORLD_SIZE={world_size} (torchrun) but train.parallel is "
                              "'none'; set --train.parallel ddp or --train.parallel fsdp")
-        from minimax_gpt.train import resolve_device
+        from minimax_gpt.devices import resolve_device
 
         return DistContext(device=resolve_device(device_name))
 
@@ -233,7 +233,7 @@ def evaluate_sharded(model: nn.Module, batches, ctx: DistContext, precision: str
     """`train.evaluate` with every batch's rows split over the ranks and the sums all-reduced: the same
     (mean cross-entropy per token, tokens) as one process evaluating all of them. Every rank runs the same number of
     forwards (FSDP needs it): a rank whose share of a short last batch is empty runs one row with weight 0."""
-    from minimax_gpt.train import autocast_context
+    from minimax_gpt.devices import autocast_context
 
     was_training = model.training
     model.eval()

@@ -28,7 +28,6 @@ of an uninterrupted run; metrics.jsonl records after the checkpoint's step are d
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, load_weights, prune_checkpoints,
                                     resolve_checkpoint, save_training_checkpoint)
+from minimax_gpt.devices import autocast_context, compile_for_training, resolve_device, resolve_precision
 from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
 from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
 from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
@@ -52,113 +51,19 @@ from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_red
                                      evaluate_sharded, main_process_first, parallelize, reshard, seed_rank,
                                      shard_training_data)
 from minimax_gpt.distributed import setup as setup_distributed
+from minimax_gpt.evaluation import evaluate, evaluate_checkpoint
 from minimax_gpt.faults import BadStepTracker, GracefulStop
+from minimax_gpt.metrics import MetricsLog, moe_figures, plot_losses
 from minimax_gpt.model import EnhancedMiniMaxGPT
+from minimax_gpt.optim import apply_freeze, count_params, make_optimizer
 from minimax_gpt.run_config import PhaseConfig, RunConfig, TrainConfig, load_run_config
 
-__all__ = ["PhaseConfig", "RunConfig", "TrainConfig", "count_params", "evaluate", "evaluate_checkpoint",
-           "load_run_config", "make_optimizer", "train"]
+__all__ = ["PhaseConfig", "RunConfig", "TrainConfig", "Trainer", "apply_freeze", "autocast_context",
+           "compile_for_training", "count_params", "evaluate", "evaluate_checkpoint", "load_run_config",
+           "make_optimizer", "resolve_device", "resolve_precision", "train"]
 
 logger = logging.getLogger(__name__)
 
-
-# --- pieces ---------------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available")
-    return device
-
-
-def compile_for_training(module: nn.Module, config) -> nn.Module:
-    """`torch.compile(module)` for the training step; checkpoints keep saving the uncompiled model. Dropless MoE sizes
-    its expert buffer from the routing (one `.item()` per layer, minimax_gpt/moe.py): dynamo is told to capture it as
-    a data-dependent size, so the forward stays one graph (tests/test_model.py checks there is no break)."""
-    if config.use_moe and config.moe_capacity_factor is None:
-        torch._dynamo.config.capture_scalar_outputs = True
-        logger.info("torch.compile: capture_scalar_outputs on (dropless MoE sizes its expert buffer from the routing)")
-    return torch.compile(module)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' (with a gradient scaler) needs CUDA; on CPU use 'bf16' or 'fp32'")
-    if name == "bf16" and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
-        logger.warning("precision bf16 on a CPU without AVX-512 (%s): bf16 matmuls have no hardware path here and "
-                       "run far slower than fp32 (44x for a 2048x256x704 matmul on the 2-core AVX2 machine of "
-                       "docs/performance.md); 'fp32' is the fast choice on this CPU",
-                       torch.backends.cpu.get_cpu_capability())
-    return name
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices (and stacked expert weights); none on 1-D parameters
-    (norm weights, biases, layer scales) nor on embedding tables (wte, wpe; a tied lm_head is wte)."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel exists for CUDA and CPU; on CPU the default foreach path measured ~30x slower here
-    # (2.97 s vs 0.10 s per step for 7M parameters, torch 2.13).
-    extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    return torch.optim.AdamW(groups, lr=0.0, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, **extra)
-
-
-def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
-    """requires_grad=False for parameters whose name starts with one of `prefixes`, True for the rest; returns the
-    number of frozen parameter elements. A prefix matching nothing raises."""
-    names = dict(model.named_parameters(remove_duplicate=False))
-    for prefix in prefixes:
-        if not any(n.startswith(prefix) for n in names):
-            raise ValueError(f"freeze prefix {prefix!r} matches no parameter (e.g. {', '.join(list(names)[:4])})")
-    frozen = {id(p) for n, p in names.items() if any(n.startswith(pre) for pre in prefixes)}
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
-    return sum(p.numel() for p in model.parameters() if id(p) in frozen)
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, active parameters per token): an MoE layer's experts count top_k / num_experts of their
-    size, everything else fully. Tied weights count once."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0.0
-    for m in model.modules():
-        if all(hasattr(m, a) for a in ("num_experts", "top_k", "w1", "w2", "w3")):
-            experts = m.w1.numel() + m.w2.numel() + m.w3.numel()
-            inactive += experts * (m.num_experts - m.top_k) / m.num_experts
-    return total, total - round(inactive)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
-             loss_chunk_size: int = 0) -> tuple[float, int]:
-    """(mean cross-entropy per token, tokens) over an iterable of (x, y) batches; the MoE auxiliary losses are not
-    included. The model is put back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, precision):
-            out = model(x, targets=y, loss_chunk_size=loss_chunk_size)
-        total += float(out.ce_loss) * y.numel()
-        n += y.numel()
-    model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluation got no batches")
-    return total / n, n
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -178,81 +83,6 @@ def prepare_data(tc: TrainConfig, out_dir: Path) -> Path:
             tokenizer_path=tc.tokenizer_path, val_fraction=tc.val_fraction, overwrite=True)
     return data_dir
 
-
-# --- outputs --------------------------------------------------------------------------------------------------------
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when available) and the in-memory history used for loss.png."""
-
-    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = out_dir / "metrics.jsonl"
-        self.records: list[dict[str, Any]] = []
-        if resume_step is not None and self.path.is_file():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in kept if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        elif self.path.exists():
-            self.path.unlink()
-        self.file = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.info("TensorBoard logging is off: the tensorboard package is not installed")
-            else:
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_losses(records: list[dict[str, Any]], boundaries: list[int], path: Path) -> bool:
-    """loss.png: train loss per log step and validation loss per evaluation. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("loss.png not written: matplotlib is not installed (pip install matplotlib)")
-        return False
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    for b in boundaries:
-        ax.axvline(b, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def _moe_figures(moe_stats) -> dict[str, Any]:
-    if not moe_stats:
-        return {}
-    loads = [[round(float(v), 6) for v in s.load] for s in moe_stats]
-    dropped = [float(s.dropped_fraction) for s in moe_stats]
-    return {"moe_expert_load": loads, "moe_max_load": max(max(layer) for layer in loads),
-            "moe_dropped_fraction": sum(dropped) / len(dropped)}
 
 
 # --- RNG state ------------------------------------------------------------------------------------------------------
@@ -343,239 +173,298 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False, overwrite: b
     continuing = ckpt is not None and run_folder_of(ckpt) == out_dir.resolve()
     with claim(out_dir, continuing=continuing, overwrite=overwrite, enabled=dctx.is_main):
         barrier(dctx)  # the other ranks start once rank 0 holds the folder
-        return _train(run, ckpt, dctx)
+        return Trainer(run, ckpt, dctx).fit()
 
 
-def _train(run: RunConfig, ckpt: Path | None, dctx) -> dict[str, Any]:
-    tc = run.train
-    wall_start = time.perf_counter()
-    out_dir = Path(tc.out_dir)
-    device = dctx.device
-    precision = resolve_precision(tc.precision, device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    if tc.tune_malloc and device.type == "cpu":
-        from minimax_gpt.hostmem import tune_malloc
+class Trainer:
+    """One run of `run`'s phases in this process (one rank of the group under torchrun), all its state on `self`.
 
-        logger.info("host memory: %s", "large tensors reuse freed heap memory (glibc mallopt; train.tune_malloc = "
-                    "false keeps glibc's defaults)" if tune_malloc() else "no glibc mallopt here, defaults kept")
-    saved_progress = None
-    if ckpt is not None:  # where the recipe continues: checked before anything is prepared or written
-        saved_progress = resume_position(
-            Progress(**load_trainer_state(ckpt, required=("progress",))["progress"]), load_saved_run_config(ckpt),
-            run.phases, ckpt)
+    `__init__` builds everything (data, model, optimizer) and restores a checkpoint; `fit` is the loop, which reads as
+    nanoGPT's: every step sets the learning rate, takes one optimisation step, logs, saves, evaluates, and stops at
+    the end, at train.stop_after or on a signal; `finish` evaluates, plots, samples and writes summary.json."""
 
-    from minimax_gpt.data import TokenDataset
-    from minimax_gpt.tokenizer import load_tokenizer
+    def __init__(self, run: RunConfig, ckpt: Path | None, dctx):
+        self.run, self.tc, self.dctx, self.ckpt = run, run.train, dctx, ckpt
+        self.wall_start = time.perf_counter()
+        self.out_dir = Path(self.tc.out_dir)
+        self.device = dctx.device
+        self.precision = resolve_precision(self.tc.precision, self.device)
+        self._configure_process()
+        resume_at = None  # where the recipe continues: checked before anything is prepared or written
+        if ckpt is not None:
+            resume_at = resume_position(Progress(**load_trainer_state(ckpt, required=("progress",))["progress"]),
+                                        load_saved_run_config(ckpt), run.phases, ckpt)
+        self._build_data()
+        self._build_model()
+        self.progress = Progress()
+        if ckpt is not None:
+            self._restore(ckpt, resume_at)
+        self.params, self.active_params = count_params(self.model)
+        logger.info("model: %s parameters (%s active per token), %s, %s on %s", f"{self.params:,}",
+                    f"{self.active_params:,}", "/".join(sorted(set(self.model.config.layer_types))) +
+                    (" + MoE" if self.model.config.use_moe else ""), self.precision, self.device)
+        self.metrics = (MetricsLog(self.out_dir, self.progress.step if ckpt is not None else None, self.tc.tensorboard)
+                        if dctx.is_main else NullMetricsLog())
+        self.run_dict = run.to_dict()
+        self.run_dict["train"]["stop_after"] = None  # an interruption, not part of the recipe a resume continues
+        self.run_dict["train"].update(_portable_paths(self.tc))
+        self.recent = collections.deque(maxlen=20)  # train losses of the last steps, for summary.json
+        self.last_eval: dict[str, Any] = {}
+        self.train_seconds, self.session_tokens = 0.0, 0
+        self.interval_tokens, self.interval_time = 0, 0.0
+        self.bad_steps = BadStepTracker(self.tc.max_bad_steps, skipped=self.progress.skipped_steps)
+        self.last_saved = ckpt
+        self.stopped = False
+        self.signal_stop: str | None = None  # the signal that stopped the run, agreed by all ranks
 
-    with main_process_first(dctx):
-        data_dir = prepare_data(tc, out_dir)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    train_data = TokenDataset(data_dir, "train")
-    val_data = TokenDataset(data_dir, "val") if tc.val_fraction > 0 else None
-    for split in (train_data, val_data):  # fail now, not at the first step of a later phase
-        if split is not None:
-            split.check_length(max(p.seq_len for p in run.phases))
+    # --- building -----------------------------------------------------------------------------------------------
+    def _configure_process(self) -> None:
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        if self.tc.tune_malloc and self.device.type == "cpu":
+            from minimax_gpt.hostmem import tune_malloc
 
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    model_config = run.model_config(vocab_size=tokenizer.vocab_size)
-    model = EnhancedMiniMaxGPT(model_config).to(device)
-    train_model = parallelize(model, dctx)  # FSDP shards `model` in place; DDP wraps it
-    if tc.compile:
-        train_model = compile_for_training(train_model, model_config)
-    seed_rank(tc.seed, dctx)
-    train_data = shard_training_data(train_data, run.phases, dctx)
-    optimizer = make_optimizer(model, tc, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    data_gen = torch.Generator().manual_seed(tc.seed)
-    progress = Progress()
-    if ckpt is not None:
+            logger.info("host memory: %s", "large tensors reuse freed heap memory (glibc mallopt; "
+                        "train.tune_malloc = false keeps glibc's defaults)" if tune_malloc()
+                        else "no glibc mallopt here, defaults kept")
+
+    def _build_data(self) -> None:
+        from minimax_gpt.data import TokenDataset
+        from minimax_gpt.tokenizer import load_tokenizer
+
+        with main_process_first(self.dctx):
+            data_dir = prepare_data(self.tc, self.out_dir)
+        self.tokenizer = load_tokenizer(data_dir / "tokenizer")
+        self.train_data = TokenDataset(data_dir, "train")
+        self.val_data = TokenDataset(data_dir, "val") if self.tc.val_fraction > 0 else None
+        for split in (self.train_data, self.val_data):  # fail now, not at the first step of a later phase
+            if split is not None:
+                split.check_length(max(p.seq_len for p in self.run.phases))
+
+    def _build_model(self) -> None:
+        """Model, its training wrapper (DDP / FSDP, compile), optimizer, scaler and the data generator, seeded in the
+        order every run (and every resume) repeats."""
+        tc, dctx = self.tc, self.dctx
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        model_config = self.run.model_config(vocab_size=self.tokenizer.vocab_size)
+        self.model = EnhancedMiniMaxGPT(model_config).to(self.device)
+        self.train_model = parallelize(self.model, dctx)  # FSDP shards `model` in place; DDP wraps it
+        if tc.compile:
+            self.train_model = compile_for_training(self.train_model, model_config)
+        seed_rank(tc.seed, dctx)
+        self.train_data = shard_training_data(self.train_data, self.run.phases, dctx)
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.data_gen = torch.Generator().manual_seed(tc.seed)
+
+    def _restore(self, ckpt: Path, resume_at: Progress) -> None:
+        """Weights, optimizer, scaler and every RNG from `ckpt` (sharded or not, as its manifest says)."""
+        dctx = self.dctx
         state = load_trainer_state(ckpt, required=("optimizer", "scaler", "rng", "progress"))
-        if is_distributed_checkpoint(ckpt):  # what its manifest says
-            load_distributed_state(ckpt, model, optimizer)
+        if is_distributed_checkpoint(ckpt):
+            load_distributed_state(ckpt, self.model, self.optimizer)
         elif dctx.parallel == "fsdp":
-            load_plain_training_state(ckpt, model, optimizer, state)
+            load_plain_training_state(ckpt, self.model, self.optimizer, state)
         else:
-            load_weights(model, ckpt)
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], data_gen)
+            load_weights(self.model, ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], self.data_gen)
         per_rank = state.get("rng_per_rank", [state["rng"]])  # the data generator is the same on every rank
         if dctx.rank < len(per_rank):
-            _set_rng_state(per_rank[dctx.rank], data_gen)
+            _set_rng_state(per_rank[dctx.rank], self.data_gen)
         else:
-            seed_rank(tc.seed, dctx, step=state["progress"]["step"])
-        progress = saved_progress
-        logger.info("resumed from %s at step %d (phase %d, step %d of it)", ckpt, progress.step,
-                    progress.phase + 1, progress.phase_step)
-    params, active_params = count_params(model)
-    logger.info("model: %s parameters (%s active per token), %s, %s on %s", f"{params:,}", f"{active_params:,}",
-                "/".join(sorted(set(model_config.layer_types))) + (" + MoE" if model_config.use_moe else ""),
-                precision, device)
+            seed_rank(self.tc.seed, dctx, step=state["progress"]["step"])
+        self.progress = resume_at
+        logger.info("resumed from %s at step %d (phase %d, step %d of it)", ckpt, resume_at.step, resume_at.phase + 1,
+                    resume_at.phase_step)
 
-    metrics = (MetricsLog(out_dir, progress.step if ckpt is not None else None, tc.tensorboard) if dctx.is_main
-               else NullMetricsLog())
-    boundaries = [sum(p.iters for p in run.phases[:i + 1]) for i in range(len(run.phases) - 1)]
-    run_dict = run.to_dict()
-    run_dict["train"]["stop_after"] = None  # an interruption, not part of the recipe a resume continues
-    run_dict["train"].update(_portable_paths(tc))
-    recent = collections.deque(maxlen=20)  # train losses of the last steps, for summary.json
-    last_eval: dict[str, Any] = {}
-    train_seconds, session_tokens = 0.0, 0
-    bad_steps = BadStepTracker(tc.max_bad_steps, skipped=progress.skipped_steps)
-    last_saved: list[Path | None] = [ckpt]
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-    def save() -> Path:
-        trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "rng": _rng_state(data_gen), "progress": dataclasses.asdict(progress),
-                         "scheduler": {"phase": progress.phase, "phase_step": progress.phase_step}}
+        run, progress = self.run, self.progress
+        self.bar = tqdm(total=run.total_iters, initial=progress.step, file=sys.stderr,
+                        disable=not self.tc.progress or not self.dctx.is_main, dynamic_ncols=True, unit="step")
+        self.model.train()
+        with logging_redirect_tqdm(), GracefulStop() as stop_signal:
+            while progress.phase < len(run.phases) and not self.stopped:
+                phase = self._start_phase()
+                while progress.phase_step < phase.iters:
+                    self.step(phase)
+                    saved = self._save_when_due(phase)
+                    if self.tc.eval_interval and progress.step % self.tc.eval_interval == 0:
+                        self.evaluate(phase)
+                    self._stop_when_asked(stop_signal, saved)
+                    if self.stopped or progress.phase_step == 0:  # stopped, or the phase just ended
+                        break
+        self.bar.close()
+        return self.finish()
+
+    def _start_phase(self) -> PhaseConfig:
+        p, phase = self.progress, self.run.phases[self.progress.phase]
+        frozen = apply_freeze(self.model, phase.freeze)
+        if p.phase_step == 0:
+            logger.info("phase %d/%d: %d steps of %d x %d tokens (x%d accumulation), lr %.3g -> %.3g%s",
+                        p.phase + 1, len(self.run.phases), phase.iters, phase.batch_size, phase.seq_len,
+                        self.tc.grad_accum_steps, phase.lr, phase.min_lr,
+                        f", {frozen:,} parameters frozen ({', '.join(phase.freeze)})" if frozen else "")
+        return phase
+
+    def step(self, phase: PhaseConfig) -> None:
+        """One optimisation step at the phase's learning rate, counted, logged, and checked for divergence."""
+        p, tc = self.progress, self.tc
+        lr = phase.lr_at(p.phase_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss, out, grad_norm = _train_step(self.train_model, self.optimizer, self.scaler, self.train_data,
+                                           self.data_gen, phase, tc, self.device, self.precision)
+        dt = time.perf_counter() - t0
+        tokens = phase.batch_size * phase.seq_len * tc.grad_accum_steps
+        self.train_seconds += dt
+        self.session_tokens += tokens
+        self.interval_tokens += tokens
+        self.interval_time += dt
+        p.step += 1
+        p.phase_step += 1
+        p.tokens_seen += tokens
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        self.bad_steps.record(finite)
+        p.skipped_steps = self.bad_steps.skipped
+        if not finite:
+            logger.warning("step %d: non-finite %s, update skipped (%d so far)", p.step,
+                           "loss" if not math.isfinite(loss) else "gradient norm", p.skipped_steps)
+        else:
+            self.recent.append(loss)
+        self.bar.update(1)
+        if p.step % tc.log_interval == 0 or p.phase_step == phase.iters:
+            self.log(phase, loss, out, grad_norm, lr)
+        self.bad_steps.check(p.step, self.last_saved)  # raises after train.max_bad_steps in a row
+
+    def log(self, phase: PhaseConfig, loss: float, out, grad_norm: float, lr: float) -> None:
+        p = self.progress
+        tok_s = self.interval_tokens / max(self.interval_time, 1e-9)
+        record = {"kind": "train", "step": p.step, "phase": p.phase + 1, "loss": loss,
+                  "ce_loss": float(out.ce_loss.detach()), "lr": lr, "grad_norm": grad_norm, "seq_len": phase.seq_len,
+                  "batch_size": phase.batch_size, "tokens_seen": p.tokens_seen, "tokens_per_second": tok_s,
+                  "skipped_steps": p.skipped_steps}
+        record.update({f"aux_{k}": float(v.detach()) for k, v in out.aux_losses.items()})
+        record.update(moe_figures(out.moe_stats))
+        self.metrics.write(record)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        self.interval_tokens, self.interval_time = 0, 0.0
+
+    def _save_when_due(self, phase: PhaseConfig) -> bool:
+        """Save at the end of a phase (which moves progress to the next) and every train.save_interval steps."""
+        p = self.progress
+        if p.phase_step == phase.iters:
+            p.phase += 1
+            p.phase_step = 0
+        elif not (self.tc.save_interval and p.step % self.tc.save_interval == 0):
+            return False
+        self.save()
+        return True
+
+    def _stop_when_asked(self, stop_signal: GracefulStop, saved: bool) -> None:
+        """Stop (after saving) at train.stop_after or on a signal. Every rank stops after the same step, also when the
+        signal reached some ranks only (or reached them during different steps): a rank leaving alone would leave the
+        others waiting in a collective."""
+        p = self.progress
+        if self.tc.stop_after is not None and p.step >= self.tc.stop_after:
+            if not saved:
+                self.save()
+            logger.info("stopping after step %d (train.stop_after); continue with --resume", p.step)
+            self.stopped = True
+        if not self.stopped and any_rank(stop_signal.requested is not None, self.dctx):
+            if not saved:
+                self.save()
+            self.signal_stop = stop_signal.requested or "a signal to another rank"
+            logger.info("stopped by %s after step %d; continue with --resume", self.signal_stop, p.step)
+            self.stopped = True
+
+    def save(self) -> Path:
+        dctx, p = self.dctx, self.progress
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                         "rng": _rng_state(self.data_gen), "progress": dataclasses.asdict(p),
+                         "scheduler": {"phase": p.phase, "phase_step": p.phase_step}}
         if dctx.enabled:  # sharded model and optimizer through torch.distributed.checkpoint, every rank
             trainer_state["optimizer"] = "in distcp/ (torch.distributed.checkpoint)"
             trainer_state.update(rng_per_rank=all_gather_objects(trainer_state["rng"], dctx),
                                  world_size=dctx.world_size, parallel=dctx.parallel)
-            path = save_distributed_checkpoint(out_dir, progress.step, model, optimizer, tokenizer, trainer_state,
-                                               run_dict, dctx)
+            path = save_distributed_checkpoint(self.out_dir, p.step, self.model, self.optimizer, self.tokenizer,
+                                               trainer_state, self.run_dict, dctx)
         else:
-            path = save_training_checkpoint(out_dir, progress.step, model, tokenizer, trainer_state, run_dict)
+            path = save_training_checkpoint(self.out_dir, p.step, self.model, self.tokenizer, trainer_state,
+                                            self.run_dict)
         logger.info("saved checkpoint %s", path)
         if dctx.is_main:  # every rank has finished writing: the distributed save ends with a barrier
-            for old in prune_checkpoints(out_dir, tc.keep_checkpoints):
-                logger.info("deleted checkpoint %s (train.keep_checkpoints = %d)", old, tc.keep_checkpoints)
-        last_saved[0] = path
+            for old in prune_checkpoints(self.out_dir, self.tc.keep_checkpoints):
+                logger.info("deleted checkpoint %s (train.keep_checkpoints = %d)", old, self.tc.keep_checkpoints)
+        self.last_saved = path
         return path
 
-    def run_eval(phase: PhaseConfig) -> None:
-        if val_data is None:
+    def evaluate(self, phase: PhaseConfig) -> None:
+        if self.val_data is None:
             return
-        batches = val_data.iter_eval_batches(phase.batch_size, phase.seq_len, tc.eval_batches)
+        tc, dctx = self.tc, self.dctx
+        batches = self.val_data.iter_eval_batches(phase.batch_size, phase.seq_len, tc.eval_batches)
         if dctx.world_size > 1:
-            loss, n = evaluate_sharded(model, batches, dctx, precision, tc.loss_chunk_size)
+            loss, n = evaluate_sharded(self.model, batches, dctx, self.precision, tc.loss_chunk_size)
         else:
-            loss, n = evaluate(model, batches, device, precision, tc.loss_chunk_size)
+            loss, n = evaluate(self.model, batches, self.device, self.precision, tc.loss_chunk_size)
         if dctx.parallel == "fsdp":
-            reshard(model)
-        last_eval.update(step=progress.step, val_loss=loss, val_tokens=n)
-        metrics.write({"kind": "eval", "step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-                       "val_tokens": n})
-        logger.info("step %d: val loss %.4f (ppl %.2f)", progress.step, loss, math.exp(min(loss, 50)))
+            reshard(self.model)
+        step = self.progress.step
+        self.last_eval.update(step=step, val_loss=loss, val_tokens=n)
+        self.metrics.write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+                            "val_tokens": n})
+        logger.info("step %d: val loss %.4f (ppl %.2f)", step, loss, math.exp(min(loss, 50)))
 
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    # --- the end ------------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation (unless a signal stopped the run: then it leaves quickly), loss.png, sample.txt and
+        summary.json; returns the summary."""
+        run, p, interrupted = self.run, self.progress, self.signal_stop
+        last_phase = run.phases[min(p.phase, len(run.phases) - 1)]
+        if self.val_data is not None and self.last_eval.get("step") != p.step and not interrupted:
+            self.evaluate(last_phase)
+        self.metrics.close()
+        boundaries = [sum(ph.iters for ph in run.phases[:i + 1]) for i in range(len(run.phases) - 1)]
+        main = self.dctx.is_main
+        plotted = plot_losses(self.metrics.records, boundaries, self.out_dir / "loss.png") if main else False
+        sample = "" if interrupted else _write_sample(  # every rank: FSDP's forward needs all of them
+            self.model, self.tokenizer, self.tc, self.out_dir / "sample.txt" if main else Path(os.devnull))
+        summary = self._summary(plotted)
+        if main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("done: %d steps, val loss %s, %s tokens/s; sample: %r", p.step,
+                    f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a",
+                    f"{summary['tokens_per_second']:,.0f}" if summary["tokens_per_second"] else "n/a", sample[:60])
+        return summary
 
-    bar = tqdm(total=run.total_iters, initial=progress.step, file=sys.stderr,
-               disable=not tc.progress or not dctx.is_main, dynamic_ncols=True, unit="step")
-    model.train()
-    stopped = False
-    interval_tokens, interval_time = 0, 0.0
-    signal_stop = None  # the signal that stopped the run, agreed by all ranks
-    with logging_redirect_tqdm(), GracefulStop() as stop_signal:
-        while progress.phase < len(run.phases) and not stopped:
-            phase = run.phases[progress.phase]
-            frozen = apply_freeze(model, phase.freeze)
-            if progress.phase_step == 0:
-                logger.info("phase %d/%d: %d steps of %d x %d tokens (x%d accumulation), lr %.3g -> %.3g%s",
-                            progress.phase + 1, len(run.phases), phase.iters, phase.batch_size, phase.seq_len,
-                            tc.grad_accum_steps, phase.lr, phase.min_lr,
-                            f", {frozen:,} parameters frozen ({', '.join(phase.freeze)})" if frozen else "")
-            while progress.phase_step < phase.iters:
-                lr = phase.lr_at(progress.phase_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                t0 = time.perf_counter()
-                loss, out, grad_norm = _train_step(train_model, optimizer, scaler, train_data, data_gen, phase, tc,
-                                                   device, precision)
-                dt = time.perf_counter() - t0
-                tokens = phase.batch_size * phase.seq_len * tc.grad_accum_steps
-                train_seconds += dt
-                session_tokens += tokens
-                interval_tokens += tokens
-                interval_time += dt
-                progress.step += 1
-                progress.phase_step += 1
-                progress.tokens_seen += tokens
-                finite = math.isfinite(loss) and math.isfinite(grad_norm)
-                bad_steps.record(finite)
-                progress.skipped_steps = bad_steps.skipped
-                if not finite:
-                    logger.warning("step %d: non-finite %s, update skipped (%d so far)", progress.step,
-                                   "loss" if not math.isfinite(loss) else "gradient norm", progress.skipped_steps)
-                else:
-                    recent.append(loss)
-                bar.update(1)
-                if progress.step % tc.log_interval == 0 or progress.phase_step == phase.iters:
-                    tok_s = interval_tokens / max(interval_time, 1e-9)
-                    record = {"kind": "train", "step": progress.step, "phase": progress.phase + 1,
-                              "loss": loss, "ce_loss": float(out.ce_loss.detach()), "lr": lr, "grad_norm": grad_norm,
-                              "seq_len": phase.seq_len, "batch_size": phase.batch_size,
-                              "tokens_seen": progress.tokens_seen, "tokens_per_second": tok_s,
-                              "skipped_steps": progress.skipped_steps}
-                    record.update({f"aux_{k}": float(v.detach()) for k, v in out.aux_losses.items()})
-                    record.update(_moe_figures(out.moe_stats))
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                    interval_tokens, interval_time = 0, 0.0
-                bad_steps.check(progress.step, last_saved[0])  # raises after train.max_bad_steps in a row
-                saved = False
-                if progress.phase_step == phase.iters:
-                    progress.phase += 1
-                    progress.phase_step = 0
-                    save()
-                    saved = True
-                elif tc.save_interval and progress.step % tc.save_interval == 0:
-                    save()
-                    saved = True
-                if tc.eval_interval and progress.step % tc.eval_interval == 0:
-                    run_eval(phase)
-                if tc.stop_after is not None and progress.step >= tc.stop_after:
-                    if not saved:
-                        save()
-                    logger.info("stopping after step %d (train.stop_after); continue with --resume", progress.step)
-                    stopped = True
-                # every rank stops after the same step, also when the signal reached some ranks only (or reached
-                # them during different steps): a rank leaving alone would leave the others waiting in a collective
-                if not stopped and any_rank(stop_signal.requested is not None, dctx):
-                    if not saved:
-                        save()
-                    signal_stop = stop_signal.requested or "a signal to another rank"
-                    logger.info("stopped by %s after step %d; continue with --resume", signal_stop, progress.step)
-                    stopped = True
-                if stopped or progress.phase_step == 0:  # stopped, or the phase just ended
-                    break
-    bar.close()
-
-    interrupted = signal_stop  # then leave quickly: no final evaluation nor sample
-    last_phase = run.phases[min(progress.phase, len(run.phases) - 1)]
-    if val_data is not None and last_eval.get("step") != progress.step and not interrupted:
-        run_eval(last_phase)
-    metrics.close()
-    plotted = plot_losses(metrics.records, boundaries, out_dir / "loss.png") if dctx.is_main else False
-    sample = "" if interrupted else _write_sample(  # every rank: FSDP's forward needs all of them
-        model, tokenizer, tc, out_dir / "sample.txt" if dctx.is_main else Path(os.devnull))
-    summary = {
-        "val_loss": last_eval.get("val_loss"),
-        "val_ppl": math.exp(min(last_eval["val_loss"], 50)) if last_eval else None,
-        "train_loss": sum(recent) / len(recent) if recent else None,
-        "iters": progress.step,
-        "tokens_seen": progress.tokens_seen,
-        "tokens_per_second": session_tokens / train_seconds if train_seconds else None,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "params": params,
-        "active_params": active_params,
-        "skipped_steps": progress.skipped_steps,
-        "completed": progress.phase >= len(run.phases),
-        "interrupted": interrupted,  # "SIGINT" / "SIGTERM" when a signal stopped the run (checkpoint saved)
-        "device": str(device),
-        "precision": precision,
-        "threads": torch.get_num_threads(),
-        "loss_png": plotted,
-    }
-    if dctx.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info("done: %d steps, val loss %s, %s tokens/s; sample: %r", progress.step,
-                f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a",
-                f"{summary['tokens_per_second']:,.0f}" if summary["tokens_per_second"] else "n/a", sample[:60])
-    return summary
+    def _summary(self, plotted: bool) -> dict[str, Any]:
+        p, last_eval = self.progress, self.last_eval
+        return {
+            "val_loss": last_eval.get("val_loss"),
+            "val_ppl": math.exp(min(last_eval["val_loss"], 50)) if last_eval else None,
+            "train_loss": sum(self.recent) / len(self.recent) if self.recent else None,
+            "iters": p.step,
+            "tokens_seen": p.tokens_seen,
+            "tokens_per_second": self.session_tokens / self.train_seconds if self.train_seconds else None,
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "params": self.params,
+            "active_params": self.active_params,
+            "skipped_steps": p.skipped_steps,
+            "completed": p.phase >= len(self.run.phases),
+            "interrupted": self.signal_stop,  # "SIGINT" / "SIGTERM" when a signal stopped the run (checkpoint saved)
+            "device": str(self.device),
+            "precision": self.precision,
+            "threads": torch.get_num_threads(),
+            "loss_png": plotted,
+        }
 
 
 def _portable_paths(tc: TrainConfig) -> dict[str, Any]:
@@ -636,118 +525,3 @@ def _write_sample(model, tokenizer, tc: TrainConfig, path: Path) -> str:
                          temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=tc.seed)
     path.write_text(text)
     return text
-
-
-# --- evaluation of a saved model ------------------------------------------------------------------------------------
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None,
-                        batch_size: int | None = None, seq_len: int | None = None,
-                        max_batches: int | str | None = None, device: str = "auto",
-                        precision: str | None = None) -> dict[str, Any]:
-    """Loss and perplexity of a checkpoint; by default exactly as its run validated it.
-
-    Without `data`: the run's validation split with the run's evaluation settings, i.e. the batch shape of the phase
-    the checkpoint's step belongs to (the last phase for a finished run), train.eval_batches batches spread over the
-    split (data.TokenDataset.eval_windows), train.precision and train.loss_chunk_size, through `evaluate`, as
-    training does. So the final checkpoint of a finished single-process run gives summary.json's val_loss exactly,
-    on the same kind of device. With `data` (a text file, folder, .jsonl or .parquet, tokenized with the
-    checkpoint's tokenizer): every window of it unless max_batches is given. max_batches="all" evaluates every window
-    of the split; batch_size, seq_len, max_batches and precision given here replace the run's. Returns loss,
-    perplexity, tokens, batches, batch_size, seq_len, windows (used) of windows_total, precision, data (what was
-    read), checkpoint, and run_settings (what was taken from the run, by its config key: "train.eval_batches": 20).
-    The settings taken from the run are logged."""
-    import tempfile
-
-    from tqdm.auto import tqdm
-
-    from minimax_gpt.checkpoint import TOKENIZER_DIR, load_model
-    from minimax_gpt.data import TokenDataset, prepare
-
-    if isinstance(max_batches, str) and max_batches != "all":
-        raise ValueError(f"max_batches must be a number >= 1 or 'all' (every window), got {max_batches!r}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batches", max_batches)):
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value} (leave it unset for the default)")
-    path = resolve_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model, tokenizer = load_model(path, device=dev)
-    run = load_saved_run_config(path)
-    tc = run["train"] if run else {}
-    phase_index, phase = _checkpoint_phase(path, run)
-    from_run: dict[str, Any] = {}  # run config key -> value, for what the run decides
-    if batch_size is None:
-        batch_size = phase["batch_size"] if phase else 8
-        if phase:
-            from_run[f"phases.{phase_index}.batch_size"] = batch_size
-    if seq_len is None:
-        seq_len = phase["seq_len"] if phase else model.config.block_size
-        if phase:
-            from_run[f"phases.{phase_index}.seq_len"] = seq_len
-    if max_batches is None and data is None and "eval_batches" in tc:
-        max_batches = from_run["train.eval_batches"] = tc["eval_batches"]
-    if precision is None:
-        precision = tc.get("precision", "auto")
-        if "precision" in tc:
-            from_run["train.precision"] = precision
-    prec = resolve_precision(precision, dev)
-    if model.config.pos_embedding == "learned" and seq_len > model.config.block_size:
-        raise ValueError(f"seq_len {seq_len} exceeds block_size {model.config.block_size}, the reach of this model's "
-                         f"learned position embedding; pass a seq_len <= {model.config.block_size}")
-    chunk = tc.get("loss_chunk_size", 0)
-    cap = None if max_batches in (None, "all") else max_batches
-    if from_run:
-        settings = [f"{k} {v}" + (f" ({prec} here)" if k == "train.precision" and v != prec else "")
-                    for k, v in from_run.items()]
-        logger.info("evaluating with the run's settings: %s", ", ".join(settings))
-    with tempfile.TemporaryDirectory() as tmp:
-        if data is not None:
-            if tokenizer is None:
-                raise ValueError(f"{path} has no tokenizer/ directory to tokenize {data} with")
-            prepare(data, tmp, tokenizer_kind=tokenizer.kind, tokenizer_path=path / TOKENIZER_DIR, val_fraction=0.0)
-            dataset, source = TokenDataset(tmp, "train"), str(data)
-        else:
-            prepared = _run_data_dir(run, path)
-            if prepared is None:
-                raise ValueError(f"{path}: the run's prepared data was not found; pass data (--data PATH)")
-            dataset, source = TokenDataset(prepared, "val"), f"the validation split of {prepared}"
-        windows = len(dataset.eval_windows(batch_size, seq_len, cap))
-        n_batches = -(-windows // batch_size)
-        batches = tqdm(dataset.iter_eval_batches(batch_size, seq_len, cap), total=n_batches, desc="eval",
-                       unit="batch", file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)  # off if no tty
-        loss, n = evaluate(model, batches, dev, prec, chunk)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": n, "batches": n_batches,
-            "batch_size": batch_size, "seq_len": seq_len, "windows": windows,
-            "windows_total": (len(dataset) - 1) // seq_len, "precision": prec, "data": source,
-            "checkpoint": str(path), "run_settings": from_run}
-
-
-def _checkpoint_phase(path: Path, run: dict[str, Any] | None) -> tuple[int | None, dict[str, Any] | None]:
-    """(index, phase dict) of the run's phase that the checkpoint's step belongs to: the phase whose steps
-    (previous phases' iters, that + its iters] hold it, so the one training evaluated it with. The last phase when the
-    step is not known (a checkpoint written before manifests); (None, None) without a run config."""
-    from minimax_gpt.checkpoint import read_manifest
-
-    phases = run.get("phases") if run else None
-    if not phases:
-        return None, None
-    step, end = read_manifest(path).get("step"), 0
-    for i, p in enumerate(phases):
-        end += p["iters"]
-        if step is not None and step <= end:
-            return i, p
-    return len(phases) - 1, phases[-1]
-
-
-def _run_data_dir(run: dict[str, Any] | None, checkpoint: Path) -> Path | None:
-    """The prepared data a run trained on: train.prepared, or the run folder's data/. Relative paths are relative to
-    the run folder (the one holding the checkpoint's checkpoints/), so a moved or copied run finds its own data."""
-    from minimax_gpt.runfolder import run_folder_of
-
-    if not run:
-        return None
-    tc = run["train"]
-    folder = run_folder_of(checkpoint) or Path(tc["out_dir"])
-    if tc.get("prepared"):
-        candidates = [folder / tc["prepared"]]  # an absolute path stays itself
-    else:  # out_dir was saved as an absolute path before runs were relocatable
-        candidates = [folder / "data", Path(tc["out_dir"]) / "data"]
-    return next((c for c in candidates if (c / "meta.json").is_file()), None)
