@@ -184,37 +184,25 @@ def _is_remote_code(d: dict[str, Any]) -> bool:
     return d.get("attn_type_list") is not None and not d.get("layer_types")
 
 
-def config_from_hf(hf_config) -> MiniMaxConfig:
-    """Our config for a transformers MiniMaxConfig, or for the released remote-code config (keys `attn_type_list`,
-    `layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`), as an object or a dict (e.g. a parsed config.json).
-    Missing keys take transformers' defaults. Raises ValueError listing every setting we cannot express."""
-    d = _as_dict(hf_config)
-    remote = _is_remote_code(d)
-    defaults = _transformers().MiniMaxConfig()
-
-    def get(key):
-        value = d.get(key)
-        return getattr(defaults, key, None) if value is None else value
-
-    problems = []
-    n_layer, n_head = get("num_hidden_layers"), get("num_attention_heads")
-    hidden = get("hidden_size")
-    head_dim = d.get("head_dim") or hidden // n_head
-    n_kv_head = d.get("num_key_value_heads") or n_head
-
+def _hf_layer_types(d: dict[str, Any], remote: bool, n_layer: int, problems: list[str]) -> list[str]:
+    """Our layer_types from `attn_type_list` (remote code), `layer_types` or transformers' default pattern; entries
+    we cannot express are appended to `problems`."""
     if remote:
         bad = [t for t in d["attn_type_list"] if t not in FROM_ATTN_TYPE]
         if bad:
             problems.append(f"attn_type_list has entries {bad}; allowed 0 (lightning), 1 (softmax)")
-        layer_types = [FROM_ATTN_TYPE.get(t, "softmax") for t in d["attn_type_list"]]
-    elif d.get("layer_types"):
+        return [FROM_ATTN_TYPE.get(t, "softmax") for t in d["attn_type_list"]]
+    if d.get("layer_types"):
         bad = sorted({t for t in d["layer_types"] if t not in FROM_HF_LAYER})
         if bad:
             problems.append(f"layer_types has {bad}; allowed {sorted(FROM_HF_LAYER)}")
-        layer_types = [FROM_HF_LAYER.get(t, "softmax") for t in d["layer_types"]]
-    else:  # transformers' default pattern
-        layer_types = [FROM_HF_LAYER[t] for t in _transformers().MiniMaxConfig(num_hidden_layers=n_layer).layer_types]
+        return [FROM_HF_LAYER.get(t, "softmax") for t in d["layer_types"]]
+    return [FROM_HF_LAYER[t] for t in _transformers().MiniMaxConfig(num_hidden_layers=n_layer).layer_types]
 
+
+def _hf_rope_and_experts(d: dict[str, Any], get, defaults, problems: list[str]) -> tuple[dict, float, int]:
+    """(rope parameters, rope_theta, experts per layer); activation, sliding window, RoPE scaling, per-layer expert
+    counts and shared experts we cannot express are appended to `problems`."""
     if get("hidden_act") not in ("silu", "swish"):
         problems.append(f"hidden_act={get('hidden_act')!r}: our experts are SwiGLU (silu)")
     if d.get("sliding_window") is not None:
@@ -233,7 +221,29 @@ def config_from_hf(hf_config) -> MiniMaxConfig:
     shared = d.get("shared_intermediate_size") or 0
     if (max(shared) if isinstance(shared, list) else shared) > 0:
         problems.append(f"shared_intermediate_size={shared}: shared experts are not supported")
+    return rope, rope_theta, experts
 
+
+def config_from_hf(hf_config) -> MiniMaxConfig:
+    """Our config for a transformers MiniMaxConfig, or for the released remote-code config (keys `attn_type_list`,
+    `layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`), as an object or a dict (e.g. a parsed config.json).
+    Missing keys take transformers' defaults. Raises ValueError listing every setting we cannot express."""
+    d = _as_dict(hf_config)
+    remote = _is_remote_code(d)
+    defaults = _transformers().MiniMaxConfig()
+
+    def get(key):
+        value = d.get(key)
+        return getattr(defaults, key, None) if value is None else value
+
+    problems = []
+    n_layer, n_head = get("num_hidden_layers"), get("num_attention_heads")
+    hidden = get("hidden_size")
+    head_dim = d.get("head_dim") or hidden // n_head
+    n_kv_head = d.get("num_key_value_heads") or n_head
+
+    layer_types = _hf_layer_types(d, remote, n_layer, problems)
+    rope, rope_theta, experts = _hf_rope_and_experts(d, get, defaults, problems)
     rotary_dim = head_dim
     if remote:
         factors = {ours: float(d.get(theirs, 1.0)) for theirs, ours in REMOTE_FACTORS.items()}
