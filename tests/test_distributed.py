@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from minimax_gpt.run_config import load_run_config
 from minimax_gpt.train import train
-from train_helpers import write_config
+from train_helpers import legacy_copy, write_config
 
 TOL = 1e-5
 
@@ -94,6 +94,9 @@ def runs(tmp_path_factory):
     _run(config, out["ref_accum"], *accum)
     _run(config, out["ref_freeze"], *freeze)
     step3 = "checkpoints/step-000003"
+    # a single-process checkpoint in the layout written before every checkpoint had distcp/ (full weights and the
+    # optimizer's state dict): resumed on 2 FSDP ranks through torch's full-state-dict loading
+    legacy = legacy_copy(out["ref"] / step3, tmp / "legacy")
     _spawn([
         (config, out["ddp"], ["--train.parallel", "ddp"], False),
         (config, out["fsdp"], ["--train.parallel", "fsdp"], False),
@@ -105,7 +108,7 @@ def runs(tmp_path_factory):
         # module), and a plain 1-process checkpoint resumed on 2 ranks
         (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
         (config, out["ddp_from_fsdp"], ["--train.parallel", "ddp"], str(out["fsdp"] / step3)),
-        (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(out["ref"] / step3)),
+        (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(legacy)),
         # SIGTERM reaches rank 1 only, during step 2
         (config, out["ddp_sigterm"], ["--train.parallel", "ddp"], False, (1, 2)),
     ])
@@ -169,7 +172,7 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_on_two_ddp_ranks(
     """Issue 16: the 2-rank FSDP checkpoint of step 3 (sharded DCP) resumed by one process, by 2 DDP ranks and by 2
     FSDP ranks: the next step's loss (step 4, the first after the resume) is the uninterrupted runs' step 4, and so is
     the rest of the curve (steps 4-6 and the step-6 validation)."""
-    from minimax_gpt.dist_checkpoint import is_distributed_checkpoint
+    from minimax_gpt.checkpointer import is_sharded as is_distributed_checkpoint
 
     assert is_distributed_checkpoint(runs["fsdp"] / "checkpoints" / "step-000003")
     ref, fsdp = _losses(runs["ref"]), _losses(runs["fsdp"])
@@ -186,7 +189,8 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_process_and_on_two_ddp_ranks(
 
 
 def test_distributed_checkpoint_converts_to_the_plain_format(runs, tmp_path):
-    from minimax_gpt.dist_checkpoint import dcp_to_safetensors, is_distributed_checkpoint
+    from minimax_gpt.checkpointer import dcp_to_safetensors
+    from minimax_gpt.checkpointer import is_sharded as is_distributed_checkpoint
     from minimax_gpt.pretrained import from_pretrained
 
     ckpt = runs["fsdp"] / "checkpoints" / "step-000006"

@@ -325,14 +325,14 @@ def test_manifest_names_a_missing_stray_or_resized_piece(sharded_run, tmp_path):
 
 
 def test_a_plain_checkpoint_with_a_stray_distcp_is_refused(run_dir, tmp_path):
-    """The loader follows the manifest: a distcp/ planted next to a plain checkpoint is never read, it is named."""
-    import shutil
-
-    from minimax_gpt.checkpoint import read_manifest
+    """The loader follows the manifest: a distcp/ planted next to a plain checkpoint (the layout of
+    checkpoint.save_training_checkpoint, and of single-process runs before every run wrote distcp/) is never read, it
+    is named."""
+    from minimax_gpt.checkpoint import read_manifest, save_training_checkpoint
 
     _, out, _ = run_dir
-    copy = tmp_path / "ckpt"
-    shutil.copytree(resolve_checkpoint(out), copy)
+    model, tokenizer = load_model(out)
+    copy = save_training_checkpoint(tmp_path, 1, model, tokenizer, {"progress": {"step": 1}}, {})
     assert read_manifest(copy)["sharded"] is None
     (copy / "distcp").mkdir()
     (copy / "distcp" / ".metadata").write_bytes(b"junk")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
-from minimax_gpt.checkpoint import load_model
+from minimax_gpt.checkpoint import load_model, load_trainer_state
 from minimax_gpt.run_config import PhaseConfig, TrainConfig, load_run_config
 from minimax_gpt.train import count_params, evaluate_checkpoint, make_optimizer, train
 from train_helpers import poison_training_forward, write_config
@@ -37,6 +37,29 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert ra[key] == rb[key], (ra["step"], key)
     model_a, _ = load_model(straight)
     model_b, _ = load_model(interrupted)
+    for (n, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+
+
+def test_a_checkpoint_in_the_earlier_plain_layout_resumes_exactly(tmp_path):
+    """Checkpoints written before every checkpoint had distcp/ (full weights, the optimizer's state dict in
+    trainer_state.pt) still resume, and the steps after equal those of an uninterrupted run."""
+    from train_helpers import legacy_copy
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    overrides = ["--model.dropout", "0.1", "--model.moe_jitter_noise", "0.05"]
+    train(load_run_config(write_config(tmp_path, straight), overrides))
+    train(load_run_config(write_config(tmp_path, stopped, name="b.toml"), overrides + ["--train.stop_after", "4"]))
+    legacy = legacy_copy(stopped / "checkpoints" / "step-000004", tmp_path / "legacy")
+    assert not (legacy / "distcp").exists() and isinstance(load_trainer_state(legacy)["optimizer"], dict)
+    resumed = tmp_path / "resumed"
+    train(load_run_config(write_config(tmp_path, resumed, name="c.toml"), overrides), resume=legacy)
+    a = {r["step"]: r for r in _records(straight)}
+    for rb in _records(resumed):
+        for key in ("loss", "ce_loss", "lr", "grad_norm"):
+            assert a[rb["step"]][key] == rb[key], (rb["step"], key)
+    model_a, _ = load_model(straight)
+    model_b, _ = load_model(resumed)
     for (n, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(pa, pb), n
 

@@ -88,3 +88,25 @@ def poison_training_forward(set_attr, is_bad, where="loss"):
 
     set_attr(EnhancedMiniMaxGPT, "forward", forward)
     return calls
+
+
+def legacy_copy(checkpoint, out_dir):
+    """The checkpoint rewritten in the layout single-process runs used before every checkpoint had distcp/: full
+    weights in model.safetensors and the optimizer's own state dict (parameters by index) in trainer_state.pt, no
+    distcp/. Returns the new checkpoint, `out_dir/checkpoints/step-N` (with its `latest`)."""
+    import torch
+
+    from minimax_gpt.checkpoint import load_model, load_saved_run_config, load_trainer_state, save_training_checkpoint
+    from minimax_gpt.checkpointer import Checkpointer
+    from minimax_gpt.distributed import DistContext
+    from minimax_gpt.optim import make_optimizer
+    from minimax_gpt.run_config import TrainConfig
+
+    model, tokenizer = load_model(checkpoint)
+    run = load_saved_run_config(checkpoint)
+    optimizer = make_optimizer(model, TrainConfig(**run["train"]), torch.device("cpu"))
+    state = Checkpointer(out_dir, DistContext()).restore(checkpoint, model, optimizer)
+    legacy = {k: v for k, v in state.items() if k not in ("rng_per_rank", "world_size", "parallel")}
+    legacy["optimizer"] = optimizer.state_dict()
+    step = load_trainer_state(checkpoint)["progress"]["step"]
+    return save_training_checkpoint(out_dir, step, model, tokenizer, legacy, run)

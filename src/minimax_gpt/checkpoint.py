@@ -202,13 +202,19 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
 def load_weights(model, path: str | os.PathLike) -> None:
     """Copy a checkpoint's weights into an existing model (same config), keeping its device and dtype."""
     path = resolve_checkpoint(path)
-    loaded = from_pretrained(path)
-    saved, ours = loaded.config.to_dict(), model.config.to_dict()
+    check_same_config(path, model)
+    model.load_state_dict(from_pretrained(path).state_dict())
+
+
+def check_same_config(path: Path, model) -> None:
+    """ValueError naming every field where the checkpoint's config.json differs from `model.config`."""
+    from minimax_gpt.pretrained import load_config
+
+    saved, ours = load_config(path).to_dict(), model.config.to_dict()
     differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
     if differ:
         raise ValueError(f"{path / CONFIG_NAME}: the checkpoint's model config is incompatible with this run's: " +
                          "; ".join(f"{k}: checkpoint {saved.get(k)!r}, run {ours.get(k)!r}" for k in differ))
-    model.load_state_dict(loaded.state_dict())
 
 
 def load_trainer_state(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:

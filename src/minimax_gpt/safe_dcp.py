@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,8 +125,10 @@ def load(state_dict: dict, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     try:
-        dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(directory),
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
+        with warnings.catch_warnings():  # one process is the intent: no "torch.distributed is disabled" warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(directory),
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
     except CheckpointException as e:
         failures = [exc for exc, _traceback in e.failures.values()]  # (exception, stack summary) per rank
         cause = failures[0] if failures else e

@@ -41,12 +41,9 @@ from typing import Any
 
 import torch
 
-from minimax_gpt.checkpoint import (load_saved_run_config, load_trainer_state, load_weights, prune_checkpoints,
-                                    resolve_checkpoint, save_training_checkpoint)
+from minimax_gpt.checkpoint import load_saved_run_config, load_trainer_state, resolve_checkpoint
+from minimax_gpt.checkpointer import Checkpointer
 from minimax_gpt.devices import autocast_context, compile_for_training, resolve_device, resolve_precision
-from minimax_gpt.dist_checkpoint import is_distributed_checkpoint, load_plain_training_state
-from minimax_gpt.dist_checkpoint import load_training_state as load_distributed_state
-from minimax_gpt.dist_checkpoint import save_training_checkpoint as save_distributed_checkpoint
 from minimax_gpt.distributed import (NullMetricsLog, all_gather_objects, all_reduce_mean, any_rank, barrier,
                                      evaluate_sharded, main_process_first, parallelize, reshard, seed_rank,
                                      shard_training_data)
@@ -196,6 +193,7 @@ class Trainer:
                                         load_saved_run_config(ckpt), run.phases, ckpt)
         self._build_data()
         self._build_model()
+        self.checkpointer = Checkpointer(self.out_dir, dctx, keep=self.tc.keep_checkpoints)
         self.progress = Progress()
         if ckpt is not None:
             self._restore(ckpt, resume_at)
@@ -259,16 +257,9 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(tc.seed)
 
     def _restore(self, ckpt: Path, resume_at: Progress) -> None:
-        """Weights, optimizer, scaler and every RNG from `ckpt` (sharded or not, as its manifest says)."""
+        """Weights, optimizer, scaler and every RNG from `ckpt` (in whatever layout it was saved)."""
         dctx = self.dctx
-        state = load_trainer_state(ckpt, required=("optimizer", "scaler", "rng", "progress"))
-        if is_distributed_checkpoint(ckpt):
-            load_distributed_state(ckpt, self.model, self.optimizer)
-        elif dctx.parallel == "fsdp":
-            load_plain_training_state(ckpt, self.model, self.optimizer, state)
-        else:
-            load_weights(self.model, ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+        state = self.checkpointer.restore(ckpt, self.model, self.optimizer)
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], self.data_gen)
         per_rank = state.get("rng_per_rank", [state["rng"]])  # the data generator is the same on every rank
@@ -386,23 +377,14 @@ class Trainer:
             self.stopped = True
 
     def save(self) -> Path:
-        dctx, p = self.dctx, self.progress
-        trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                         "rng": _rng_state(self.data_gen), "progress": dataclasses.asdict(p),
-                         "scheduler": {"phase": p.phase, "phase_step": p.phase_step}}
-        if dctx.enabled:  # sharded model and optimizer through torch.distributed.checkpoint, every rank
-            trainer_state["optimizer"] = "in distcp/ (torch.distributed.checkpoint)"
-            trainer_state.update(rng_per_rank=all_gather_objects(trainer_state["rng"], dctx),
-                                 world_size=dctx.world_size, parallel=dctx.parallel)
-            path = save_distributed_checkpoint(self.out_dir, p.step, self.model, self.optimizer, self.tokenizer,
-                                               trainer_state, self.run_dict, dctx)
-        else:
-            path = save_training_checkpoint(self.out_dir, p.step, self.model, self.tokenizer, trainer_state,
-                                            self.run_dict)
+        p = self.progress
+        rng = _rng_state(self.data_gen)
+        trainer_state = {"scaler": self.scaler.state_dict(), "rng": rng, "progress": dataclasses.asdict(p),
+                         "scheduler": {"phase": p.phase, "phase_step": p.phase_step},
+                         "rng_per_rank": all_gather_objects(rng, self.dctx)}
+        path = self.checkpointer.save(p.step, self.model, self.optimizer, self.tokenizer, trainer_state,
+                                      self.run_dict)
         logger.info("saved checkpoint %s", path)
-        if dctx.is_main:  # every rank has finished writing: the distributed save ends with a barrier
-            for old in prune_checkpoints(self.out_dir, self.tc.keep_checkpoints):
-                logger.info("deleted checkpoint %s (train.keep_checkpoints = %d)", old, self.tc.keep_checkpoints)
         self.last_saved = path
         return path
 
