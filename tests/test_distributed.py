@@ -7,6 +7,7 @@ with a checkpoint at the phase boundary (step 3). Because the global batch does 
 """
 
 import json
+import re
 import os
 import socket
 from pathlib import Path
@@ -73,8 +74,8 @@ def _sigterm_during_step(n: int) -> None:
     EnhancedMiniMaxGPT.forward = forward
 
 
-def _spawn(jobs: list) -> None:
-    mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=True, start_method="spawn")
+def _spawn(jobs: list, world: int = 2) -> None:
+    mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=True, start_method="spawn")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def runs(tmp_path_factory):
     freeze = ["--phases.1.freeze", '["wte", "blocks.0"]']  # the tied embedding too; after the step-3 evaluation
     out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ref_freeze", "ddp", "fsdp", "fsdp_dense",
                                           "ddp_accum", "ddp_freeze", "fsdp_freeze", "fsdp_resume", "fsdp_from_plain",
-                                          "one_from_fsdp", "ddp_from_fsdp", "ddp_sigterm")}
+                                          "one_from_fsdp", "ddp_from_fsdp", "ddp_sigterm", "fsdp_degrees")}
     _run(config, out["ref"])
     _run(config, out["ref_dense"], *dense)
     _run(config, out["ref_accum"], *accum)
@@ -109,6 +110,8 @@ def runs(tmp_path_factory):
         (config, out["fsdp_resume"], ["--train.parallel", "fsdp"], str(out["fsdp"] / step3)),
         (config, out["ddp_from_fsdp"], ["--train.parallel", "ddp"], str(out["fsdp"] / step3)),
         (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(legacy)),
+        # the [parallel] degrees: FSDP over the whole world as dp_shard = -1
+        (config, out["fsdp_degrees"], ["--parallel.dp_shard", "-1"], False),
         # SIGTERM reaches rank 1 only, during step 2
         (config, out["ddp_sigterm"], ["--train.parallel", "ddp"], False, (1, 2)),
     ])
@@ -224,3 +227,67 @@ def test_config_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="--train.parallel ddp"):
         setup("none", "cpu")
+
+
+def test_parallel_degrees_as_a_mesh_follow_the_single_process_curve(runs):
+    """--parallel.dp_shard -1 is FSDP over every rank (the trainer state says so) and trains as one process does."""
+    _assert_same(_losses(runs["fsdp_degrees"]), _losses(runs["ref"]))
+    from minimax_gpt.checkpoint import load_trainer_state
+
+    state = load_trainer_state(runs["fsdp_degrees"])
+    assert (state["parallel"], state["world_size"]) == ("fsdp", 2)
+
+
+def test_hsdp_on_a_two_by_two_mesh_follows_the_single_process_curve(tmp_path):
+    """4 gloo processes, replicated over dp_replicate = 2 and sharded over dp_shard = 2 (FSDP2's HSDP)."""
+    config = write_config(tmp_path, tmp_path / "unused")
+    rows = ["--phases.*.batch_size", "4"]  # the global micro-batch, one row per rank
+    _run(config, tmp_path / "ref", *rows)
+    out = tmp_path / "hsdp"
+    _spawn([(config, out, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", *rows], False)], world=4)
+    _assert_same(_losses(out), _losses(tmp_path / "ref"))
+    from minimax_gpt.checkpoint import load_trainer_state
+
+    assert load_trainer_state(out)["parallel"] == "hsdp"
+
+
+@pytest.mark.parametrize("parallel, degrees, world, want", [
+    ("none", None, 1, ("none", {"dp_replicate": 1, "dp_shard": 1})),
+    ("ddp", None, 4, ("ddp", {"dp_replicate": 4, "dp_shard": 1})),
+    ("fsdp", None, 1, ("fsdp", {"dp_replicate": 1, "dp_shard": 1})),  # a group of one without torchrun
+    ("none", {"dp_replicate": 1, "dp_shard": -1}, 4, ("fsdp", {"dp_replicate": 1, "dp_shard": 4})),
+    ("none", {"dp_replicate": 2, "dp_shard": -1}, 4, ("hsdp", {"dp_replicate": 2, "dp_shard": 2})),
+    ("none", {"dp_replicate": -1, "dp_shard": 1}, 2, ("ddp", {"dp_replicate": 2, "dp_shard": 1})),
+])
+def test_degrees_resolve_to_an_engine_and_a_mesh_shape(parallel, degrees, world, want):
+    from minimax_gpt.distributed import resolve_degrees
+
+    assert resolve_degrees(parallel, degrees, world) == want
+
+
+@pytest.mark.parametrize("degrees, world, fragment", [
+    ({"dp_replicate": 2, "dp_shard": 2}, 2, "parallel.dp_replicate 2 x parallel.dp_shard 2 must multiply to the "
+                                            "world size 2 (launched as WORLD_SIZE=2 (torchrun))"),
+    ({"dp_replicate": 1, "dp_shard": 2}, 1, "must multiply to the world size 1 (this is one process: launch with "
+                                            "torchrun --nproc_per_node N)"),
+    ({"dp_replicate": 3, "dp_shard": -1}, 4, "parallel.dp_replicate 3 x parallel.dp_shard -1 must multiply"),
+])
+def test_degrees_that_do_not_fit_the_world_are_refused(degrees, world, fragment):
+    from minimax_gpt.distributed import resolve_degrees
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        resolve_degrees("none", degrees, world)
+
+
+def test_parallel_table_errors(tmp_path, capsys):
+    from minimax_gpt.__main__ import main
+
+    cfg = write_config(tmp_path, tmp_path / "o")
+    for overrides, fragment in ((["--parallel.dp_shrd", "2"], "did you mean dp_shard"),
+                                (["--parallel.dp_shard", "0"], "parallel.dp_shard must be >= 1, or -1"),
+                                (["--parallel.dp_shard", "-1", "--parallel.dp_replicate", "-1"],
+                                 "only one parallel degree may be -1"),
+                                (["--parallel.dp_shard", "2", "--train.parallel", "ddp"], "are both set"),
+                                (["--parallel.dp_shard", "2"], "must multiply to the world size 1")):
+        assert main(["train", "--config", str(cfg), *overrides]) == 2
+        assert fragment in capsys.readouterr().err.strip().splitlines()[-1]

@@ -58,18 +58,28 @@ from minimax_gpt.run_config import PARALLEL_MODES  # ("none", "ddp", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class DistContext:
-    """Where this process stands: its rank among world_size, the device it trains on, the engine."""
+    """Where this process stands: its rank among world_size, the device it trains on, the engine ("none", "ddp",
+    "fsdp" or "hsdp"), and the device mesh whose named dimensions are the parallel degrees (None for one process).
+    Every rank is a data-parallel rank: dp_replicate x dp_shard = world_size."""
 
     parallel: str = "none"
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    mesh: Any = None
 
     @property
     def enabled(self) -> bool:
-        """A process group is in use (parallel is "ddp" or "fsdp")."""
+        """A process group is in use (parallel is "ddp", "fsdp" or "hsdp")."""
         return self.parallel != "none"
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are sharded by FSDP2 (alone, or inside each replica of HSDP)."""
+        return self.parallel in ("fsdp", "hsdp")
 
     @property
     def is_main(self) -> bool:
@@ -81,38 +91,49 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def setup(parallel: str, device_name: str = "auto") -> DistContext:
-    """The DistContext of this process; initialises the default process group for "ddp" / "fsdp" (once per process;
-    destroyed at exit) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or as a group of one
-    without them. Raises ValueError for an unknown mode, or for parallel = "none" under a multi-process launch (every
-    rank would train alone and overwrite the others' files)."""
+def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: int) -> tuple[str, dict[str, int]]:
+    """(engine, degrees with -1 resolved) from `train.parallel` (a shorthand) or the [parallel] degrees; ValueError
+    naming the degrees and the world size when their product is not the world size."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"train.parallel is {parallel!r}; allowed: {', '.join(PARALLEL_MODES)}")
+    given = dict(degrees or {"dp_replicate": 1, "dp_shard": 1})
+    if parallel != "none":  # the shorthand: every rank replicates (ddp) or shards (fsdp)
+        given = {"dp_replicate": -1, "dp_shard": 1} if parallel == "ddp" else {"dp_replicate": 1, "dp_shard": -1}
+    known = 1
+    for value in given.values():
+        known *= value if value != -1 else 1
+    resolved = {k: (world_size // known if v == -1 and world_size % known == 0 else v) for k, v in given.items()}
+    product = 1
+    for value in resolved.values():
+        product *= value
+    if product != world_size or -1 in resolved.values():
+        shown = " x ".join(f"parallel.{k} {v}" for k, v in given.items())
+        launch = ("this is one process: launch with torchrun --nproc_per_node N" if world_size == 1
+                  else f"launched as WORLD_SIZE={world_size} (torchrun)")
+        raise ValueError(f"{shown} must multiply to the world size {world_size} ({launch}); -1 takes the rest")
+    if parallel != "none":
+        return parallel, resolved
+    r, s = resolved["dp_replicate"], resolved["dp_shard"]
+    return ("hsdp" if r > 1 and s > 1 else "fsdp" if s > 1 else "ddp" if r > 1 else "none"), resolved
+
+
+def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | None = None) -> DistContext:
+    """The DistContext of this process; initialises the default process group and the device mesh for a parallel
+    engine (once per process; destroyed at exit) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+    MASTER_PORT, or as a group of one without them (`train.parallel` ddp / fsdp only). `degrees`: the [parallel]
+    table. Raises ValueError for an unknown mode, degrees that do not multiply to the world size, or one process
+    of a multi-process launch without an engine (every rank would train alone and overwrite the others' files)."""
     world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if parallel == "none":
-        if world_size > 1:
-            raise ValueError(f"launched as rank {rank} of WORLD_SIZE={world_size} (torchrun) but train.parallel is "
-                             "'none'; set --train.parallel ddp or --train.parallel fsdp")
+    if parallel == "none" and world_size > 1 and not any(v != 1 for v in (degrees or {}).values()):
+        raise ValueError(f"launched as rank {rank} of WORLD_SIZE={world_size} (torchrun) but train.parallel is "
+                         "'none' and every [parallel] degree is 1; set --train.parallel ddp or --train.parallel "
+                         "fsdp, or the degrees (--parallel.dp_replicate -1 for DDP, --parallel.dp_shard -1 for FSDP)")
+    mode, resolved = resolve_degrees(parallel, degrees, world_size)
+    if mode == "none":
         from minimax_gpt.devices import resolve_device
 
         return DistContext(device=resolve_device(device_name))
-
-    if device_name == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device_type = torch.device(device_name).type
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"train.device is {device_name!r} but CUDA is not available")
-        if device_type not in ("cpu", "cuda"):
-            raise ValueError(f"train.parallel = {parallel!r} runs on cpu (gloo) or cuda (NCCL), not {device_name!r}")
-    if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                             "use --nproc_per_node <= the number of GPUs")
-        device = torch.device("cuda", local_rank)  # one GPU per rank: train.device's index is ignored
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = _rank_device(mode, device_name, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "MASTER_ADDR" in os.environ:
@@ -123,10 +144,34 @@ def setup(parallel: str, device_name: str = "auto") -> DistContext:
                 raise ValueError(f"WORLD_SIZE={world_size} without MASTER_ADDR / MASTER_PORT: launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         atexit.register(teardown)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (resolved["dp_replicate"], resolved["dp_shard"]),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logging.getLogger("minimax_gpt").setLevel(logging.WARNING)
-    return DistContext(parallel=parallel, rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistContext(parallel=mode, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                       dp_replicate=resolved["dp_replicate"], dp_shard=resolved["dp_shard"], mesh=mesh)
+
+
+def _rank_device(mode: str, device_name: str, local_rank: int) -> torch.device:
+    if device_name == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = torch.device(device_name).type
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device is {device_name!r} but CUDA is not available")
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"train.parallel = {mode!r} runs on cpu (gloo) or cuda (NCCL), not {device_name!r}")
+    if device_type != "cuda":
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                         "use --nproc_per_node <= the number of GPUs")
+    device = torch.device("cuda", local_rank)  # one GPU per rank: train.device's index is ignored
+    torch.cuda.set_device(device)
+    return device
 
 
 def teardown() -> None:
@@ -278,12 +323,13 @@ def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
     call (same seed); DDP also broadcasts rank 0's."""
     if not ctx.enabled:
         return model
-    if ctx.parallel == "fsdp":
+    if ctx.sharded:  # FSDP2 over dp_shard; HSDP (replicated over dp_replicate, sharded within) on the 2-D mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = ctx.mesh[("dp_replicate", "dp_shard")] if ctx.parallel == "hsdp" else ctx.mesh["dp_shard"]
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return GlobalBatchLoss(model, ctx)
     return GlobalBatchLoss(model, ctx, ddp=True)
 

@@ -153,16 +153,45 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The [parallel] table: degrees of parallelism, each one named dimension of the device mesh
+    (minimax_gpt.distributed); their product is the world size. -1 means "the rest of the world size" (one at most).
+
+    dp_replicate: data-parallel replicas, each holding the whole model (DDP; with dp_shard > 1, HSDP's replicas).
+    dp_shard: ranks that shard parameters, gradients and optimizer state among them (FSDP2).
+    `train.parallel = "ddp"` is shorthand for dp_replicate = -1, "fsdp" for dp_shard = -1."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+
+    def __post_init__(self) -> None:
+        _check_types(self, "parallel")
+        for name, value in self.degrees().items():
+            if value != -1 and value < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, or -1 for the rest of the world size; got {value}")
+        if list(self.degrees().values()).count(-1) > 1:
+            raise ValueError("only one parallel degree may be -1 (the rest of the world size); got "
+                             + ", ".join(f"parallel.{k} = {v}" for k, v in self.degrees().items()))
+
+    def degrees(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+
+
+@dataclass
 class RunConfig:
     """model: the [model] table as given (vocab_size and block_size may be left to `model_config`)."""
 
     model: dict[str, Any]
     train: TrainConfig
     phases: list[PhaseConfig]
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if not self.phases:
             raise ValueError("a run needs at least one [[phases]] entry")
+        if self.train.parallel != "none" and self.parallel != ParallelConfig():
+            raise ValueError(f"train.parallel = {self.train.parallel!r} and [parallel] degrees are both set; use the "
+                             f"degrees (parallel.dp_replicate, parallel.dp_shard) or the shorthand, not both")
         self.model_config(vocab_size=self.model.get("vocab_size") or 256)  # validate the model fields now
 
     @property
@@ -183,7 +212,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), "train": dataclasses.asdict(self.train),
-                "phases": [dataclasses.asdict(p) for p in self.phases]}
+                "phases": [dataclasses.asdict(p) for p in self.phases], "parallel": dataclasses.asdict(self.parallel)}
 
     def to_resolved_dict(self) -> dict[str, Any]:
         """`to_dict()` with, after "model" (the [model] table as given), "model_resolved": every MiniMaxConfig field
@@ -200,7 +229,7 @@ class RunConfig:
             model_resolved["vocab_size"] = self._vocab_size_note()
         d = self.to_dict()
         return {"model": d["model"], "model_resolved": model_resolved, "model_derived": derived,
-                "train": d["train"], "phases": d["phases"]}
+                "train": d["train"], "phases": d["phases"], "parallel": d["parallel"]}
 
     def _vocab_size_note(self) -> str:
         known = None
@@ -219,7 +248,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
         """Build from a parsed TOML / JSON document; an unknown key raises ValueError naming it and `source`."""
-        _reject_unknown(d, {"model", "train", "phases"}, "", source)
+        _reject_unknown(d, {"model", "train", "phases", "parallel"}, "", source)
+        parallel = dict(d.get("parallel", {}))
+        _reject_unknown(parallel, _field_names(ParallelConfig), "parallel.", source)
         model = dict(d.get("model", {}))
         _reject_unknown(model, _field_names(MiniMaxConfig), "model.", source)
         train = dict(d.get("train", {}))
@@ -234,7 +265,8 @@ class RunConfig:
                              and f.name not in p)
             if missing:
                 raise ValueError(f"{source}: phases.{i} is missing {', '.join(missing)}")
-        return cls(model=model, train=TrainConfig(**train), phases=[PhaseConfig(**p) for p in phases])
+        return cls(model=model, train=TrainConfig(**train), phases=[PhaseConfig(**p) for p in phases],
+                   parallel=ParallelConfig(**parallel))
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -313,8 +345,8 @@ def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
     """Set `model.x`, `train.x`, `phases.N.x` or `phases.*.x` in a parsed config document, checking the key."""
     parts = key.split(".")
     section = parts[0]
-    if section in ("model", "train") and len(parts) == 2:
-        known = _field_names(MiniMaxConfig if section == "model" else TrainConfig)
+    if section in ("model", "train", "parallel") and len(parts) == 2:
+        known = _field_names({"model": MiniMaxConfig, "train": TrainConfig, "parallel": ParallelConfig}[section])
         if parts[1] not in known:
             raise ValueError(f"unknown key {key!r} (command line): {_suggest(parts[1], known)}")
         doc.setdefault(section, {})[parts[1]] = value
@@ -337,8 +369,8 @@ def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
         for p in targets:
             p[parts[2]] = value
         return
-    raise ValueError(f"unknown key {key!r} (command line): keys are model.FIELD, train.FIELD, phases.N.FIELD "
-                     f"or phases.*.FIELD")
+    raise ValueError(f"unknown key {key!r} (command line): keys are model.FIELD, train.FIELD, parallel.FIELD, "
+                     f"phases.N.FIELD or phases.*.FIELD")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------

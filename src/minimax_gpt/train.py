@@ -164,7 +164,7 @@ def train(run: RunConfig, resume: bool | str | os.PathLike = False, overwrite: b
     that does not change the learning rate of its trained steps) trains just the new steps (`resume_position`)."""
     from minimax_gpt.runfolder import claim, run_folder_of
 
-    dctx = setup_distributed(run.train.parallel, run.train.device)  # a process group for parallel = "ddp" / "fsdp"
+    dctx = setup_distributed(run.train.parallel, run.train.device, run.parallel.degrees())  # group and mesh
     out_dir = Path(run.train.out_dir)
     ckpt = resolve_checkpoint(out_dir if resume is True else resume) if resume else None
     continuing = ckpt is not None and run_folder_of(ckpt) == out_dir.resolve()
@@ -397,7 +397,7 @@ class Trainer:
             loss, n = evaluate_sharded(self.model, batches, dctx, self.precision, tc.loss_chunk_size)
         else:
             loss, n = evaluate(self.model, batches, self.device, self.precision, tc.loss_chunk_size)
-        if dctx.parallel == "fsdp":
+        if dctx.sharded:
             reshard(self.model)
         step = self.progress.step
         self.last_eval.update(step=step, val_loss=loss, val_tokens=n)
