@@ -316,11 +316,20 @@ class NullMetricsLog:
 
 
 # --- the model --------------------------------------------------------------------------------------------------
-def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """The module to train with: `model` itself for parallel = "none"; else `GlobalBatchLoss` around DDP(model), or
-    around `model` after fully_shard on every block and then on the root (in place: `model`'s parameters become
-    sharded DTensors, so build the optimizer after this call). Weights must be identical on every rank before the
-    call (same seed); DDP also broadcasts rank 0's."""
+def parallelize(model: nn.Module, ctx: DistContext, compile: bool = False) -> nn.Module:
+    """The module to train with, built from outside the model in torchtitan's order: the data-parallel engine of
+    `ctx` (DDP on dp_replicate, FSDP2 on dp_shard, HSDP on both), then `torch.compile` when `compile`. Activation
+    checkpointing stays the model's own (`MiniMaxConfig.use_checkpoint`). Returns `model` itself for one process
+    without compile; else `GlobalBatchLoss` around DDP(model), or around `model` after fully_shard on every block and
+    then on the root (in place: `model`'s parameters become sharded DTensors, so build the optimizer after this
+    call). Weights must be identical on every rank before the call (same seed); DDP also broadcasts rank 0's."""
+    from minimax_gpt.devices import compile_for_training
+
+    wrapped = _data_parallel(model, ctx)
+    return compile_for_training(wrapped, model.config) if compile else wrapped
+
+
+def _data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.enabled:
         return model
     if ctx.sharded:  # FSDP2 over dp_shard; HSDP (replicated over dp_replicate, sharded within) on the 2-D mesh

@@ -247,9 +247,7 @@ class Trainer:
         random.seed(tc.seed)
         model_config = self.run.model_config(vocab_size=self.tokenizer.vocab_size)
         self.model = EnhancedMiniMaxGPT(model_config).to(self.device)
-        self.train_model = parallelize(self.model, dctx)  # FSDP shards `model` in place; DDP wraps it
-        if tc.compile:
-            self.train_model = compile_for_training(self.train_model, model_config)
+        self.train_model = parallelize(self.model, dctx, compile=tc.compile)  # FSDP shards `model` in place
         seed_rank(tc.seed, dctx)
         self.train_data = shard_training_data(self.train_data, self.run.phases, dctx)
         self.optimizer = make_optimizer(self.model, tc, self.device)
