@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimax_gpt.hostmem import tune_malloc
+from minimax_gpt.training.hostmem import tune_malloc
 from minimax_gpt.ops import lightning_attn_chunked, lightning_attn_chunked_packed, lightning_slopes
 
 B, H, D = 1, 8, 64
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--contiguous", action="store_true", help="contiguous q, k, v instead of the layer's views")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lightning.json")
-    p.add_argument("--tune-malloc", action="store_true", help="minimax_gpt.hostmem.tune_malloc first (all cases)")
+    p.add_argument("--tune-malloc", action="store_true", help="hostmem.tune_malloc first (all cases)")
     args = p.parse_args()
     tuned = args.tune_malloc and tune_malloc()
 

@@ -19,7 +19,7 @@ def one(chunk: int) -> dict:
     import torch
 
     from minimax_gpt import EnhancedMiniMaxGPT
-    from minimax_gpt.run_config import load_run_config
+    from minimax_gpt.training.run_config import load_run_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run_config("minimax_200k")

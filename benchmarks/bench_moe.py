@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimax_gpt.config import MiniMaxConfig
-from minimax_gpt.hostmem import tune_malloc
-from minimax_gpt.moe import MoEFeedForward, moe_forward_reference
+from minimax_gpt.training.hostmem import tune_malloc
+from minimax_gpt.models.moe import MoEFeedForward, moe_forward_reference
 
 
 class DenseSwiGLU(nn.Module):
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
-    ap.add_argument("--tune-malloc", action="store_true", help="minimax_gpt.hostmem.tune_malloc first (all cases)")
+    ap.add_argument("--tune-malloc", action="store_true", help="hostmem.tune_malloc first (all cases)")
     args = ap.parse_args()
     tuned = args.tune_malloc and tune_malloc()
     if args.threads:

@@ -44,8 +44,8 @@ def nan_batches(tmp: Path, steps: int, every: int) -> dict:
     import torch
 
     from minimax_gpt import EnhancedMiniMaxGPT
-    from minimax_gpt.run_config import load_run_config
-    from minimax_gpt.train import train
+    from minimax_gpt.training.run_config import load_run_config
+    from minimax_gpt.training.trainer import train
 
     original = EnhancedMiniMaxGPT.forward
     poison_training_forward(setattr, lambda n: n % every == 0)

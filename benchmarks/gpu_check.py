@@ -53,7 +53,7 @@ def _compare_devices(results, name, config, atol=2e-4, T=200):
 
     import torch
 
-    from minimax_gpt.model import EnhancedMiniMaxGPT
+    from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
     torch.manual_seed(0)
     ref = EnhancedMiniMaxGPT(config)
@@ -115,7 +115,7 @@ def check_correctness(results: dict) -> None:
     else:
         _report(results, "torch._grouped_mm bf16 vs loop", None, note="torch has no _grouped_mm")
 
-    from minimax_gpt.model import EnhancedMiniMaxGPT
+    from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
     torch.manual_seed(0)
     model = EnhancedMiniMaxGPT(_tiny_config()).cuda().eval()
@@ -149,8 +149,8 @@ def bench_config(seq_len: int):
 def bench_training(results: dict, contexts, steps: int, peak_tflops: float) -> None:
     import torch
 
-    from minimax_gpt.model import EnhancedMiniMaxGPT
-    from minimax_gpt.train import count_params
+    from minimax_gpt.models.model import EnhancedMiniMaxGPT
+    from minimax_gpt.training.trainer import count_params
 
     for T in contexts:
         cfg = bench_config(T)
@@ -191,7 +191,7 @@ def bench_training(results: dict, contexts, steps: int, peak_tflops: float) -> N
 def bench_decode(results: dict, new_tokens: int) -> None:
     import torch
 
-    from minimax_gpt.model import EnhancedMiniMaxGPT
+    from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
     cfg = bench_config(2048)
     model = EnhancedMiniMaxGPT(cfg).cuda().eval().to(torch.bfloat16)

@@ -56,8 +56,8 @@ def _env() -> dict[str, str]:
 
 
 def _weights(out: Path):
-    from minimax_gpt.checkpoint import resolve_checkpoint
-    from minimax_gpt.pretrained import SafetensorsReader
+    from minimax_gpt.training.checkpoint import resolve_checkpoint
+    from minimax_gpt.interop.pretrained import SafetensorsReader
 
     with SafetensorsReader(resolve_checkpoint(out)) as reader:
         return {name: reader.get(name) for name in reader.keys()}

@@ -4,7 +4,7 @@ process, fed the same config and weights.
     python -m benchmarks.suite [--suite default|quick|train|dense|inference|decode|generate|mfu|memory|compile|bf16]
                                [--quick] [--threads 2] [--out benchmarks/results/suite.json]
 
-Peers: transformers' `MiniMaxForCausalLM` built by `minimax_gpt.hf.to_hf` (identical weights and logits), and for the
+Peers: transformers' `MiniMaxForCausalLM` built by `interop.hf.to_hf` (identical weights and logits), and for the
 dense softmax configuration transformers' `LlamaForCausalLM` with our weights copied in (checked: same logits).
 These machines are shared and noisy, so every comparison interleaves the peers' repeats (A B B A ...), reports the
 median and the min/max spread of each side, and the ratio of medians; the load average is recorded before and after.
@@ -19,7 +19,7 @@ Rows and how each is measured:
   mfu            model FLOPs of our training step / step time, against fp32 matmul GFLOP/s measured in the same run
   memory         peak RSS of one training step of a 200k-vocabulary model, chunked vs plain loss (one subprocess each)
   compile        training step with `torch.compile(model)` vs eager (+ compile time, graph breaks), with
-                 `torch._dynamo.config.capture_scalar_outputs = True` for the dropless MoE (minimax_gpt/moe.py)
+                 `torch._dynamo.config.capture_scalar_outputs = True` for the dropless MoE (minimax_gpt/models/moe.py)
   bf16           training step under bf16 autocast vs fp32
 
 Model FLOPs (the `mfu` row) are counted, not measured: 6 * (active matmul parameters) * tokens, where active means the
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
-from minimax_gpt.hostmem import tune_malloc
+from minimax_gpt.training.hostmem import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def dense_config(**changes) -> MiniMaxConfig:
 
 
 def hf_minimax(model: EnhancedMiniMaxGPT):
-    from minimax_gpt.hf import to_hf
+    from minimax_gpt.interop.hf import to_hf
 
     return to_hf(model, output_router_logits=model.config.use_moe)
 
@@ -444,7 +444,7 @@ def row_compile(a) -> list[dict]:
 
         dynamo.reset()
         # dropless MoE sizes its expert buffer from the routing (one .item() per layer): captured as a data-dependent
-        # size instead of a graph break (see minimax_gpt/moe.py)
+        # size instead of a graph break (see minimax_gpt/models/moe.py)
         dynamo.config.capture_scalar_outputs = True
         explain = dynamo.explain(model)(x, targets=y)
         breaks = [str(r.reason).splitlines()[0] for r in explain.break_reasons]
@@ -537,7 +537,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "suite.json"))
     p.add_argument("--tune-malloc", action="store_true",
-                   help="minimax_gpt.hostmem.tune_malloc first, as minimax-gpt train does on CPU (both sides share it)")
+                   help="hostmem.tune_malloc first, as minimax-gpt train does on CPU (both sides share it)")
     p.add_argument("--memory-child", choices=["plain", "chunked"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.suite == "quick":

@@ -12,10 +12,10 @@ import torch
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.__main__ import main
-from minimax_gpt.checkpoint import resolve_checkpoint, save_checkpoint
-from minimax_gpt.run_config import load_run_config
-from minimax_gpt.tokenizer import build_tokenizer
-from minimax_gpt.train import train
+from minimax_gpt.training.checkpoint import resolve_checkpoint, save_checkpoint
+from minimax_gpt.training.run_config import load_run_config
+from minimax_gpt.data.tokenizer import build_tokenizer
+from minimax_gpt.training.trainer import train
 from train_helpers import TEXT, write_config
 
 LEARNED_BLOCK = 16  # block_size of the learned-position checkpoint

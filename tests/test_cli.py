@@ -13,8 +13,8 @@ import pytest
 
 from minimax_gpt import MiniMaxConfig
 from minimax_gpt.__main__ import build_parser, main
-from minimax_gpt.data import prepare
-from minimax_gpt.run_config import load_run_config, packaged_configs
+from minimax_gpt.data.dataset import prepare
+from minimax_gpt.training.run_config import load_run_config, packaged_configs
 from train_helpers import write_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -112,7 +112,7 @@ def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path, failing):
     script = tmp_path / "fail_rank1.py"
     script.write_text(
         "import os, sys\n"
-        "from minimax_gpt import train as T\n"
+        "from minimax_gpt.training import trainer as T\n"
         "original, calls = T._train_step, [0]\n"
         "def step(*args, **kwargs):\n"
         "    calls[0] += 1\n"
@@ -135,7 +135,7 @@ def test_an_error_on_one_rank_is_printed_once_by_rank_zero(tmp_path, failing):
 
 
 def test_no_load_path_bypasses_the_safe_dcp_reader():
-    """dcp.load and FileSystemReader appear only in minimax_gpt/safe_dcp.py, which replaces the unsafe parts."""
+    """dcp.load and FileSystemReader appear only in minimax_gpt/training/safe_dcp.py, which replaces the unsafe parts."""
     import ast
 
     src = Path(cli.__file__).parent
@@ -146,5 +146,5 @@ def test_no_load_path_bypasses_the_safe_dcp_reader():
             value = node.value.id if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) else ""
             if (value, name) == ("dcp", "load") or name in ("FileSystemReader", "Unpickler", "load_state_dict_from"):
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}: {value + '.' if value else ''}{name}")
-    assert all(o.startswith("safe_dcp.py:") for o in offenders), offenders
+    assert all(o.startswith("training/safe_dcp.py:") for o in offenders), offenders
     assert offenders, "the check should see safe_dcp.py's own use"

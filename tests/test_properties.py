@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
 from minimax_gpt.config import LAYER_TYPES, POS_EMBEDDINGS
-from minimax_gpt.run_config import load_run_config
-from minimax_gpt.train import train
+from minimax_gpt.training.run_config import load_run_config
+from minimax_gpt.training.trainer import train
 from train_helpers import write_config
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -11,11 +11,11 @@ import torch
 
 import minimax_gpt
 from minimax_gpt.__main__ import main
-from minimax_gpt.checkpoint import TRAINER_STATE_NAME, load_model, load_trainer_state, resolve_checkpoint
-from minimax_gpt.pretrained import SafetensorsReader, from_pretrained
-from minimax_gpt.run_config import load_run_config
-from minimax_gpt.tokenizer import load_tokenizer
-from minimax_gpt.train import train
+from minimax_gpt.training.checkpoint import TRAINER_STATE_NAME, load_model, load_trainer_state, resolve_checkpoint
+from minimax_gpt.interop.pretrained import SafetensorsReader, from_pretrained
+from minimax_gpt.training.run_config import load_run_config
+from minimax_gpt.data.tokenizer import load_tokenizer
+from minimax_gpt.training.trainer import train
 from train_helpers import write_config
 
 SRC = Path(minimax_gpt.__file__).parent
@@ -89,7 +89,7 @@ def test_pytorch_model_bin_is_never_read(tmp_path):
 
 def test_pytorch_model_bin_is_never_read_by_hf_import(tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (extra [hf])")
-    from minimax_gpt.hf import from_hf
+    from minimax_gpt.interop.hf import from_hf
 
     marker = tmp_path / "pwned"
     directory = tmp_path / "hf"
@@ -214,10 +214,10 @@ def _planted_copy(sharded_run, tmp_path: Path, kind: str, marker: Path) -> tuple
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from minimax_gpt import EnhancedMiniMaxGPT
-    from minimax_gpt.checkpoint import read_manifest, write_manifest
-    from minimax_gpt.pretrained import load_config
-    from minimax_gpt.safe_dcp import read_metadata
-    from minimax_gpt.train import make_optimizer
+    from minimax_gpt.training.checkpoint import read_manifest, write_manifest
+    from minimax_gpt.interop.pretrained import load_config
+    from minimax_gpt.training.safe_dcp import read_metadata
+    from minimax_gpt.training.trainer import make_optimizer
 
     tmp, out, _ = sharded_run
     copy = tmp_path / "run"
@@ -300,7 +300,7 @@ def test_eval_generate_and_convert_never_open_the_shards(sharded_run, tmp_path, 
 def test_manifest_names_a_missing_stray_or_resized_piece(sharded_run, tmp_path):
     import shutil
 
-    from minimax_gpt.checkpoint import read_manifest
+    from minimax_gpt.training.checkpoint import read_manifest
 
     _, out, _ = sharded_run
     copy = tmp_path / "ckpt"
@@ -328,7 +328,7 @@ def test_a_plain_checkpoint_with_a_stray_distcp_is_refused(run_dir, tmp_path):
     """The loader follows the manifest: a distcp/ planted next to a plain checkpoint (the layout of
     checkpoint.save_training_checkpoint, and of single-process runs before every run wrote distcp/) is never read, it
     is named."""
-    from minimax_gpt.checkpoint import read_manifest, save_training_checkpoint
+    from minimax_gpt.training.checkpoint import read_manifest, save_training_checkpoint
 
     _, out, _ = run_dir
     model, tokenizer = load_model(out)
@@ -357,7 +357,7 @@ def test_prepared_data_folder_is_parsed_not_unpickled(run_dir, tmp_path, capsys)
 
 def _refit_manifest(ckpt: Path) -> None:
     """Rewrite the manifest to the files' new sizes, as someone planting a payload would."""
-    from minimax_gpt.checkpoint import write_manifest
+    from minimax_gpt.training.checkpoint import write_manifest
 
     manifest = json.loads((ckpt / "manifest.json").read_text())
     (ckpt / "manifest.json").unlink()

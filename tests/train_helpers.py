@@ -96,11 +96,12 @@ def legacy_copy(checkpoint, out_dir):
     distcp/. Returns the new checkpoint, `out_dir/checkpoints/step-N` (with its `latest`)."""
     import torch
 
-    from minimax_gpt.checkpoint import load_model, load_saved_run_config, load_trainer_state, save_training_checkpoint
-    from minimax_gpt.checkpointer import Checkpointer
-    from minimax_gpt.distributed import DistContext
-    from minimax_gpt.optim import make_optimizer
-    from minimax_gpt.run_config import TrainConfig
+    from minimax_gpt.training.checkpoint import (load_model, load_saved_run_config, load_trainer_state,
+                                                 save_training_checkpoint)
+    from minimax_gpt.training.checkpointer import Checkpointer
+    from minimax_gpt.parallel.distributed import DistContext
+    from minimax_gpt.training.optim import make_optimizer
+    from minimax_gpt.training.run_config import TrainConfig
 
     model, tokenizer = load_model(checkpoint)
     run = load_saved_run_config(checkpoint)

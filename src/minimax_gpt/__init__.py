@@ -10,12 +10,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from minimax_gpt.cache import ModelCache
+    from minimax_gpt.models.cache import ModelCache
     from minimax_gpt.config import MiniMaxConfig
-    from minimax_gpt.model import CausalLMOutput, EnhancedMiniMaxGPT
+    from minimax_gpt.models.model import CausalLMOutput, EnhancedMiniMaxGPT
 
-_HOME = {"CausalLMOutput": "minimax_gpt.model", "EnhancedMiniMaxGPT": "minimax_gpt.model",
-         "MiniMaxConfig": "minimax_gpt.config", "ModelCache": "minimax_gpt.cache"}
+_HOME = {"CausalLMOutput": "minimax_gpt.models.model", "EnhancedMiniMaxGPT": "minimax_gpt.models.model",
+         "MiniMaxConfig": "minimax_gpt.config", "ModelCache": "minimax_gpt.models.cache"}
 __all__ = sorted(_HOME)
 __version__ = "0.1.0"
 

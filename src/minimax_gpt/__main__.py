@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_generate, _add_prepare):
         add(sub)
-    from minimax_gpt.hf import add_convert_parser
+    from minimax_gpt.interop.hf import add_convert_parser
 
     add_convert_parser(sub)
     for p in sub.choices.values():
@@ -181,10 +181,10 @@ def _main(argv: list[str]) -> int:
 
 
 def _train(args, overrides: list[str]) -> int:
-    from minimax_gpt.checkpoint import load_saved_run_config, resolve_checkpoint
-    from minimax_gpt.run_config import load_run_config
-    from minimax_gpt.runfolder import run_folder_of
-    from minimax_gpt.train import train
+    from minimax_gpt.training.checkpoint import load_saved_run_config, resolve_checkpoint
+    from minimax_gpt.training.run_config import load_run_config
+    from minimax_gpt.training.runfolder import run_folder_of
+    from minimax_gpt.training.trainer import train
 
     for flag, key in (("data", "train.data"), ("prepared", "train.prepared"), ("out", "train.out_dir")):
         if getattr(args, flag) is not None:
@@ -211,14 +211,14 @@ def _train(args, overrides: list[str]) -> int:
 def _out_dir_for_resume(overrides: list[str]) -> str:
     """train.out_dir as the command line sets it (else the default's), read without applying the other overrides,
     which belong to the run being resumed, not to the default config."""
-    from minimax_gpt.run_config import TrainConfig, parse_overrides
+    from minimax_gpt.training.run_config import TrainConfig, parse_overrides
 
     given = [value for key, value in parse_overrides(overrides) if key == "train.out_dir"]
     return str(given[-1]) if given else TrainConfig.out_dir
 
 
 def _eval(args, _) -> int:
-    from minimax_gpt.train import evaluate_checkpoint
+    from minimax_gpt.training.trainer import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.seq_len, args.max_batches,
                             args.device, args.precision)
@@ -230,9 +230,9 @@ def _eval(args, _) -> int:
 
 
 def _generate(args, _) -> int:
-    from minimax_gpt.checkpoint import load_model
+    from minimax_gpt.training.checkpoint import load_model
     from minimax_gpt.textgen import stream_text
-    from minimax_gpt.train import resolve_device
+    from minimax_gpt.training.trainer import resolve_device
 
     _check_sampling_flags(args)  # before the checkpoint is read
     model, tokenizer = load_model(args.checkpoint, device=resolve_device(args.device))
@@ -264,7 +264,7 @@ def _check_sampling_flags(args) -> None:
 
 
 def _prepare(args, _) -> int:
-    from minimax_gpt.data import prepare
+    from minimax_gpt.data.dataset import prepare
 
     meta = prepare(args.data, args.out, tokenizer_kind=args.tokenizer, vocab_size=args.vocab_size,
                    tokenizer_path=args.tokenizer_path, val_fraction=args.val_fraction, overwrite=args.overwrite)
@@ -276,7 +276,7 @@ def _prepare(args, _) -> int:
 
 
 def _convert(args, _) -> int:
-    from minimax_gpt.hf import run_convert
+    from minimax_gpt.interop.hf import run_convert
 
     run_convert(args)
     return 0

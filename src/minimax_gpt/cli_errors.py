@@ -48,7 +48,7 @@ def raise_on_sigterm():
 def message(exc: BaseException) -> str:
     """The text after "error: " for an exception: its message for the kinds the library raises on bad input or a
     bad file (ValueError, TypeError, OSError, TrainingDiverged), else its type and message with a hint."""
-    from minimax_gpt.faults import TrainingDiverged
+    from minimax_gpt.training.faults import TrainingDiverged
 
     failures = getattr(exc, "failures", None)  # torch's CheckpointException: {rank: (exception, traceback)}
     if isinstance(failures, dict) and failures:

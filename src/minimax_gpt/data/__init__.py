@@ -1,0 +1,1 @@
+"""Tokenizers, prepared token files and the datasets that sample from them."""

@@ -1,0 +1,1 @@
+"""Our pretrained format and Hugging Face conversion."""

@@ -1,0 +1,1 @@
+"""The single-device model: nothing here imports torch.distributed."""

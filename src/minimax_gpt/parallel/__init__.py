@@ -1,0 +1,1 @@
+"""Parallelism applied from outside the model: the device mesh and parallelize."""

@@ -1,0 +1,1 @@
+"""One training run: its config, Trainer, Checkpointer, metrics, faults and run folder."""
