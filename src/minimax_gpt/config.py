@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minimax_gpt.training.atomic import atomic_file
+from minimax_gpt.atomic import atomic_file
 
 LAYER_TYPES = ("lightning", "softmax")
 POS_EMBEDDINGS = ("learned", "none")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimax_gpt.training.atomic import atomic_directory
+from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.data.fingerprint import describe_change, source_fingerprint
 from minimax_gpt.data.tokenizer import META_FILE, Tokenizer, build_tokenizer, load_tokenizer
 

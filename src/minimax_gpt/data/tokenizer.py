@@ -30,7 +30,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from minimax_gpt.training.atomic import atomic_directory
+from minimax_gpt.atomic import atomic_directory
 
 TOKENIZER_KINDS = ("bytes", "char", "bpe", "tiktoken", "hf")
 META_FILE = "tokenizer_meta.json"

@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from minimax_gpt.training.atomic import atomic_directory
+from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.config import MiniMaxConfig
 from minimax_gpt.interop.pretrained import (
     CONFIG_NAME,

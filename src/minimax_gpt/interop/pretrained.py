@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minimax_gpt.training.atomic import atomic_directory
+from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.config import MiniMaxConfig
 
 CONFIG_NAME = "config.json"

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from minimax_gpt.training.atomic import atomic_directory, atomic_file, remove_directory
+from minimax_gpt.atomic import atomic_directory, atomic_file, remove_directory
 from minimax_gpt.interop.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 from minimax_gpt.training.safe_dcp import refusal_reason
 

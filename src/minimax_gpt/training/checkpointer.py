@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from minimax_gpt.training import safe_dcp
-from minimax_gpt.training.atomic import fresh_sibling, replace_directory
+from minimax_gpt.atomic import fresh_sibling, replace_directory
 from minimax_gpt.training.checkpoint import (CHECKPOINTS_DIR, RUN_CONFIG_NAME, TOKENIZER_DIR, TRAINER_STATE_NAME,
                                     check_same_config, latest_checkpoint, load_trainer_state, prune_checkpoints,
                                     read_manifest, resolve_checkpoint, write_latest, write_manifest)

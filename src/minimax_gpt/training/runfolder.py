@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from minimax_gpt.training.atomic import remove_stale_temporaries
+from minimax_gpt.atomic import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
