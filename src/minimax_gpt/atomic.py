@@ -30,7 +30,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         found = re.fullmatch(r"\..+\.(?:tmp|old|deleted)-(\d+)-[0-9a-f]{8}", path.name)
-        if found is None or int(found.group(1)) == os.getpid() or _running(int(found.group(1))):
+        if found is None or int(found.group(1)) == os.getpid() or pid_running(int(found.group(1))):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -40,7 +40,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

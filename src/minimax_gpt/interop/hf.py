@@ -73,7 +73,7 @@ import torch
 
 from minimax_gpt.atomic import atomic_directory
 from minimax_gpt.config import MiniMaxConfig
-from minimax_gpt.interop.pretrained import (
+from minimax_gpt.interop.pretrained import (read_json, 
     CONFIG_NAME,
     SafetensorsReader,
     copy_checked,
@@ -374,14 +374,8 @@ def from_hf(model_or_dir, dtype: torch.dtype | None = None, device: torch.device
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a Hugging Face MiniMax model folder")
-        import json
-
         try:
-            d = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_path}: not valid JSON (truncated or corrupted?): {e}") from None
-        try:
-            config = config_from_hf(d)
+            config = config_from_hf(read_json(config_path))
         except (ValueError, TypeError) as e:
             raise type(e)(f"{config_path}: {e}") from None
         source = SafetensorsReader(directory)

@@ -100,26 +100,34 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 # --- our format ---------------------------------------------------------------------------------------------------
 def save_pretrained(model, directory: str | os.PathLike) -> None:
     """Write `config.json` and `model.safetensors` (every parameter under its own name, tied lm_head omitted)."""
+    with atomic_directory(directory) as tmp:
+        write_weights(model.config, model.state_dict(), tmp)
+
+
+def write_weights(config: MiniMaxConfig, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+    """config.json + model.safetensors in `directory` from a full state dict; a tied lm_head.weight (the same
+    storage as wte.weight, which safetensors refuses twice) is omitted and tied again on load."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue  # the same storage as wte.weight
-        tensors[name] = tensor.detach().contiguous()
-    with atomic_directory(directory) as tmp:
-        model.config.save(tmp / CONFIG_NAME)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "minimax_gpt"})
+    tensors = {name: t.detach().contiguous() for name, t in state_dict.items()
+               if not (name == "lm_head.weight" and config.tie_word_embeddings)}
+    config.save(directory / CONFIG_NAME)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "minimax_gpt"})
+
+
+def read_json(path: Path):
+    """A JSON file's value; ValueError naming the file when it is not JSON (truncated, corrupted, or binary)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupted?): {e}") from None
 
 
 def load_config(directory: str | os.PathLike) -> MiniMaxConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a directory written by save_pretrained")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON (truncated or corrupted?): {e}") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object of MiniMaxConfig fields, got {type(d).__name__}")
     if "model_type" in d or "architectures" in d:

@@ -1,4 +1,8 @@
-"""Training checkpoints: a model directory (`minimax_gpt.interop.pretrained` format) plus what training needs to resume.
+"""Checkpoints for every tool: find them (`resolve_checkpoint`, `latest`), check them against their manifest, load a
+model or a trainer state, and the plain writer (`save_checkpoint`). Training runs write through
+`training.checkpointer.Checkpointer`, which adds `distcp/` (model and optimizer by parameter name) and keeps the
+optimizer out of trainer_state.pt; the plain layout below is this module's writer's and that of single-process runs
+before every checkpoint had distcp/:
 
     out/checkpoints/step-000500/
         config.json           the MiniMaxConfig
@@ -35,7 +39,8 @@ from typing import Any
 import torch
 
 from minimax_gpt.atomic import atomic_directory, atomic_file, remove_directory
-from minimax_gpt.interop.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+from minimax_gpt.interop.pretrained import (CONFIG_NAME, WEIGHTS_NAME, from_pretrained, load_config, read_json,
+                                            save_pretrained)
 from minimax_gpt.training.safe_dcp import refusal_reason
 
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -84,10 +89,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     file = path / MANIFEST_NAME
     if not file.is_file():
         return _legacy_manifest(path)
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    manifest = read_json(file)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{file}: not a minimax_gpt checkpoint manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
     if manifest.get("version") != MANIFEST_VERSION:
@@ -199,17 +201,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     return model, tokenizer
 
 
-def load_weights(model, path: str | os.PathLike) -> None:
-    """Copy a checkpoint's weights into an existing model (same config), keeping its device and dtype."""
-    path = resolve_checkpoint(path)
-    check_same_config(path, model)
-    model.load_state_dict(from_pretrained(path).state_dict())
-
-
 def check_same_config(path: Path, model) -> None:
     """ValueError naming every field where the checkpoint's config.json differs from `model.config`."""
-    from minimax_gpt.interop.pretrained import load_config
-
     saved, ours = load_config(path).to_dict(), model.config.to_dict()
     differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
     if differ:
@@ -243,10 +236,7 @@ def load_saved_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
     path = resolve_checkpoint(path) / RUN_CONFIG_NAME
     if not path.is_file():
         return None
-    try:
-        run = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    run = read_json(path)
     if not isinstance(run, dict):
         raise ValueError(f"{path}: expected a JSON object (the run's model, train and phases), got "
                          f"{type(run).__name__}")

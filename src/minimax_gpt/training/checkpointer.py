@@ -47,7 +47,7 @@ from minimax_gpt.training.checkpoint import (CHECKPOINTS_DIR, RUN_CONFIG_NAME, T
                                     check_same_config, latest_checkpoint, load_trainer_state, prune_checkpoints,
                                     read_manifest, resolve_checkpoint, write_latest, write_manifest)
 from minimax_gpt.parallel.distributed import DistContext, barrier
-from minimax_gpt.interop.pretrained import CONFIG_NAME, WEIGHTS_NAME, SafetensorsReader, load_config
+from minimax_gpt.interop.pretrained import SafetensorsReader, load_config, write_weights
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Checkpointer:
         full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if dctx.enabled else model.state_dict())
         if dctx.is_main:
-            _write_plain_weights(model.config, full, tmp)
+            write_weights(model.config, full, tmp)
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_DIR)
             (tmp / RUN_CONFIG_NAME).write_text(json.dumps(run_config, indent=2) + "\n")
@@ -194,13 +194,3 @@ def dcp_to_safetensors(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     set_model_state_dict(model, state["model"])
     save_pretrained(model, out_dir)
     return Path(out_dir)
-
-
-def _write_plain_weights(config, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
-    """config.json + model.safetensors from a full state dict, as `pretrained.save_pretrained` writes them."""
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().contiguous() for name, t in state_dict.items()
-               if not (name == "lm_head.weight" and config.tie_word_embeddings)}
-    config.save(directory / CONFIG_NAME)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "minimax_gpt"})

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from minimax_gpt.atomic import remove_stale_temporaries
+from minimax_gpt.atomic import pid_running, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +106,8 @@ def _start_time(pid: int) -> str | None:
 
 def _alive(holder: dict) -> bool:
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not pid_running(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
     started = _start_time(pid)
     return holder.get("start") is None or started is None or started == holder["start"]
 

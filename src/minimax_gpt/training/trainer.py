@@ -181,7 +181,7 @@ class Trainer:
     the end, at train.stop_after or on a signal; `finish` evaluates, plots, samples and writes summary.json."""
 
     def __init__(self, run: RunConfig, ckpt: Path | None, dctx):
-        self.run, self.tc, self.dctx, self.ckpt = run, run.train, dctx, ckpt
+        self.run, self.tc, self.dctx = run, run.train, dctx
         self.wall_start = time.perf_counter()
         self.out_dir = Path(self.tc.out_dir)
         self.device = dctx.device
