@@ -1,0 +1,44 @@
+"""Input checks and the compute dtype shared by every lightning op (naive, chunked, recurrent, Triton)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States (and all internal arithmetic) are float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> tuple[int, int, int, int, int]:
+    """Validate shapes and return (B, H, T, D, Dv)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, T, D), got rank {t.dim()} {tuple(t.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (B, H, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in (B, H, T), got v {tuple(v.shape)} and q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape (H,) = ({H},), got {tuple(slopes.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, D, Dv):
+        raise ValueError(
+            f"initial_state must have shape (B, H, D, Dv) = {(B, H, D, Dv)}, got {tuple(initial_state.shape)}"
+        )
+    return B, H, T, D, Dv
+
+
+def check_chunk_size(chunk_size) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
