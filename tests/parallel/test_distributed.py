@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
     freeze = ["--phases.1.freeze", '["wte", "blocks.0"]']  # the tied embedding too; after the step-3 evaluation
     out = {name: tmp / name for name in ("ref", "ref_dense", "ref_accum", "ref_freeze", "ddp", "fsdp", "fsdp_dense",
                                           "ddp_accum", "ddp_freeze", "fsdp_freeze", "fsdp_resume", "fsdp_from_plain",
-                                          "one_from_fsdp", "ddp_from_fsdp", "ddp_sigterm", "fsdp_degrees")}
+                                          "one_from_fsdp", "ddp_from_fsdp", "ddp_sigterm", "fsdp_degrees", "fsdp_ac")}
     _run(config, out["ref"])
     _run(config, out["ref_dense"], *dense)
     _run(config, out["ref_accum"], *accum)
@@ -112,6 +112,8 @@ def runs(tmp_path_factory):
         (config, out["fsdp_from_plain"], ["--train.parallel", "fsdp"], str(legacy)),
         # the [parallel] degrees: FSDP over the whole world as dp_shard = -1
         (config, out["fsdp_degrees"], ["--parallel.dp_shard", "-1"], False),
+        # activation checkpointing applied by parallelize before fully_shard: recomputation changes no number
+        (config, out["fsdp_ac"], ["--train.parallel", "fsdp", "--model.use_checkpoint", "true"], False),
         # SIGTERM reaches rank 1 only, during step 2
         (config, out["ddp_sigterm"], ["--train.parallel", "ddp"], False, (1, 2)),
     ])
@@ -236,6 +238,10 @@ def test_parallel_degrees_as_a_mesh_follow_the_single_process_curve(runs):
 
     state = load_trainer_state(runs["fsdp_degrees"])
     assert (state["parallel"], state["world_size"]) == ("fsdp", 2)
+
+
+def test_fsdp_with_activation_checkpointing_follows_the_single_process_curve(runs):
+    _assert_same(_losses(runs["fsdp_ac"]), _losses(runs["ref"]))
 
 
 def test_hsdp_on_a_two_by_two_mesh_follows_the_single_process_curve(tmp_path):

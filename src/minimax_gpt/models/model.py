@@ -70,6 +70,9 @@ class EnhancedMiniMaxGPT(nn.Module):
         if not isinstance(config, MiniMaxConfig):
             raise TypeError(f"config must be a MiniMaxConfig, got {type(config).__name__}")
         self.config = config
+        # Checkpoint each block's activations in training (config.use_checkpoint). A trainer that applies activation
+        # checkpointing from outside (minimax_gpt.parallel.parallelize) turns this off, so it is applied once.
+        self.gradient_checkpointing = config.use_checkpoint
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -143,7 +146,7 @@ class EnhancedMiniMaxGPT(nn.Module):
             x = x + self.wpe(ctx.positions)
         x = self.drop(x)
         stats = []
-        use_ckpt = self.config.use_checkpoint and self.training and cache is None and torch.is_grad_enabled()
+        use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
                 x, s = checkpoint(block, x, ctx, use_reentrant=False)
@@ -238,6 +241,26 @@ class EnhancedMiniMaxGPT(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, **kwargs):
         """The prompt followed by up to max_new_tokens sampled tokens; see `minimax_gpt.generation.generate`."""
         return generation.generate(self, input_ids, max_new_tokens, temperature=temperature, **kwargs)
+
+    @property
+    def balances_routing(self) -> bool:
+        """Whether the MoE layers carry an auxiliary-loss-free routing bias (config.moe_bias_update_rate > 0) that the
+        trainer moves after each optimizer step with `update_routing_bias`."""
+        return self.config.use_moe and self.config.moe_bias_update_rate > 0
+
+    @torch.no_grad()
+    def update_routing_bias(self, expert_counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3), after an optimizer step. expert_counts (L, E): the selections of each
+        of the L MoE layers, in layer order, over the whole step, summed over data-parallel ranks (so every rank
+        makes the same update); see `MoEFeedForward.update_routing_bias`."""
+        if not self.balances_routing:
+            raise ValueError("update_routing_bias needs use_moe and moe_bias_update_rate > 0")
+        layers = [block.mlp for block in self.blocks]
+        if expert_counts.dim() != 2 or expert_counts.shape[0] != len(layers):
+            raise ValueError(f"expert_counts must be (MoE layers, num_experts) = ({len(layers)}, "
+                             f"{self.config.num_experts}), got {tuple(expert_counts.shape)}")
+        for layer, counts in zip(layers, expert_counts):
+            layer.update_routing_bias(counts)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

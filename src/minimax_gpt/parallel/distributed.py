@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from typing import Any
 
@@ -92,21 +93,17 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: int) -> tuple[str, dict[str, int]]:
-    """(engine, degrees with -1 resolved) from `train.parallel` (a shorthand) or the [parallel] degrees; ValueError
-    naming the degrees and the world size when their product is not the world size."""
+    """(data-parallel engine, degrees with -1 resolved) from `train.parallel` (a shorthand for the data-parallel
+    degrees) and the [parallel] degrees, in mesh order; ValueError naming the degrees and the world size when their
+    product is not the world size. Any degree beyond dp_replicate and dp_shard is one more mesh dimension."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"train.parallel is {parallel!r}; allowed: {', '.join(PARALLEL_MODES)}")
-    given = dict(degrees or {"dp_replicate": 1, "dp_shard": 1})
+    given = {"dp_replicate": 1, "dp_shard": 1, **(degrees or {})}
     if parallel != "none":  # the shorthand: every rank replicates (ddp) or shards (fsdp)
-        given = {"dp_replicate": -1, "dp_shard": 1} if parallel == "ddp" else {"dp_replicate": 1, "dp_shard": -1}
-    known = 1
-    for value in given.values():
-        known *= value if value != -1 else 1
+        given.update({"dp_replicate": -1, "dp_shard": 1} if parallel == "ddp" else {"dp_replicate": 1, "dp_shard": -1})
+    known = math.prod(v for v in given.values() if v != -1)
     resolved = {k: (world_size // known if v == -1 and world_size % known == 0 else v) for k, v in given.items()}
-    product = 1
-    for value in resolved.values():
-        product *= value
-    if product != world_size or -1 in resolved.values():
+    if math.prod(resolved.values()) != world_size or -1 in resolved.values():
         shown = " x ".join(f"parallel.{k} {v}" for k, v in given.items())
         launch = ("this is one process: launch with torchrun --nproc_per_node N" if world_size == 1
                   else f"launched as WORLD_SIZE={world_size} (torchrun)")
@@ -146,8 +143,7 @@ def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | No
         atexit.register(teardown)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (resolved["dp_replicate"], resolved["dp_shard"]),
-                            mesh_dim_names=("dp_replicate", "dp_shard"))
+    mesh = init_device_mesh(device.type, tuple(resolved.values()), mesh_dim_names=tuple(resolved))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logging.getLogger("minimax_gpt").setLevel(logging.WARNING)
@@ -317,16 +313,33 @@ class NullMetricsLog:
 
 # --- the model --------------------------------------------------------------------------------------------------
 def parallelize(model: nn.Module, ctx: DistContext, compile: bool = False) -> nn.Module:
-    """The module to train with, built from outside the model in torchtitan's order: the data-parallel engine of
-    `ctx` (DDP on dp_replicate, FSDP2 on dp_shard, HSDP on both), then `torch.compile` when `compile`. Activation
-    checkpointing stays the model's own (`MiniMaxConfig.use_checkpoint`). Returns `model` itself for one process
-    without compile; else `GlobalBatchLoss` around DDP(model), or around `model` after fully_shard on every block and
-    then on the root (in place: `model`'s parameters become sharded DTensors, so build the optimizer after this
-    call). Weights must be identical on every rank before the call (same seed); DDP also broadcasts rank 0's."""
+    """The module to train with, built from outside the model in torchtitan's order: activation checkpointing (when
+    `model.config.use_checkpoint`), the data-parallel engine of `ctx` (DDP on dp_replicate, FSDP2 on dp_shard, HSDP on
+    both), then `torch.compile` when `compile`. Each step is one function of (model, ctx); a new mesh dimension adds
+    one more (sequence or expert parallelism go between checkpointing and the data-parallel engine, as in
+    torchtitan). Returns `model` itself for one process without compile; else `GlobalBatchLoss` around DDP(model),
+    or around `model` after fully_shard on every block and then on the root (in place: `model`'s parameters become
+    sharded DTensors, so build the optimizer after this call). Weights must be identical on every rank before the
+    call (same seed); DDP also broadcasts rank 0's."""
     from minimax_gpt.training.devices import compile_for_training
 
+    apply_activation_checkpointing(model)
     wrapped = _data_parallel(model, ctx)
     return compile_for_training(wrapped, model.config) if compile else wrapped
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (`model.config.use_checkpoint`), with
+    torch's composable `checkpoint` (non-reentrant; forward hooks, so parameter names and state dicts do not change
+    and FSDP2 shards the same modules). The model's own per-block checkpointing is switched off, so it runs once.
+    A no-op when use_checkpoint is off or it was applied already."""
+    if not model.config.use_checkpoint or not model.gradient_checkpointing:
+        return
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks:
+        checkpoint(block)
+    model.gradient_checkpointing = False
 
 
 def _data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:

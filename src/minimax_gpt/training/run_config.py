@@ -175,7 +175,8 @@ class ParallelConfig:
                              + ", ".join(f"parallel.{k} = {v}" for k, v in self.degrees().items()))
 
     def degrees(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+        """Every degree by name, in mesh order (outermost first): a new kind of parallelism is one more field."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
