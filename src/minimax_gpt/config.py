@@ -66,6 +66,13 @@ class MiniMaxConfig:
     num_experts: int = 4
     moe_top_k: int = 2
     moe_capacity_factor: float | None = None  # None: dropless; else cap = ceil(cf * tokens * k / E), training only
+    # Top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts", arXiv 2403.07652): each token takes experts
+    # in descending probability until their mass reaches p, at most moe_top_k of them. None: plain top-k.
+    moe_top_p: float | None = None
+    # Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437): a per-expert bias added to the router
+    # probabilities for expert selection only, moved by this rate towards balance after each optimizer step
+    # (b_e += rate * sign(mean load - load_e), loads summed over the step and the data-parallel ranks). 0: off.
+    moe_bias_update_rate: float = 0.0
     moe_aux_loss_coef: float = 0.01  # load balancing (Switch / Mixtral)
     moe_z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
     moe_diversity_loss_coef: float = 0.0  # penalty on similarity between experts' weights
@@ -166,6 +173,11 @@ class MiniMaxConfig:
             math.isfinite(self.moe_capacity_factor) and self.moe_capacity_factor > 0
         ):
             raise ValueError(f"moe_capacity_factor must be None (dropless) or > 0, got {self.moe_capacity_factor}")
+        if self.moe_top_p is not None and not (math.isfinite(self.moe_top_p) and 0 < self.moe_top_p <= 1):
+            raise ValueError(f"moe_top_p must be None (top-k routing) or in (0, 1], got {self.moe_top_p}")
+        if not (math.isfinite(self.moe_bias_update_rate) and self.moe_bias_update_rate >= 0):
+            raise ValueError(f"moe_bias_update_rate must be a finite number >= 0 (0 = off), "
+                             f"got {self.moe_bias_update_rate}")
 
     # --- derived views -----------------------------------------------------------------------------------------
     @property

@@ -13,6 +13,19 @@ weights are not renormalised, and a token whose every assignment is dropped gets
 Padding tokens (token_mask False) are neither routed nor counted, and their y is 0. Capacity applies in training
 mode only; in eval mode routing is dropless, so a token's output never depends on the rest of the batch.
 
+Adaptive routing (docs/routing.md has the measurements):
+  top-p         `moe_top_p = p` (Huang et al. 2024, arXiv 2403.07652): each token takes its candidates in descending
+                order until the probability mass taken reaches p, at most moe_top_k (the cap) of them; the combine
+                weights are the taken probabilities renormalised over the taken experts (as top-k's). A slot not
+                taken routes to the sentinel expert E, exactly like a padding token's, so the dispatch below is
+                unchanged; the capacity is ceil(cf * assignments / E) over the assignments actually made.
+  bias          `moe_bias_update_rate = u > 0` (DeepSeek-V3's auxiliary-loss-free balancing, arXiv 2412.19437): the
+                candidates are ranked by probs + routing_bias (a persistent (E,) buffer per layer, in checkpoints),
+                while the combine weights and the top-p mass use the unbiased probabilities. After each optimizer
+                step the trainer calls `model.update_routing_bias(counts)` with the step's selections summed over
+                data-parallel ranks: b_e += u * sign(mean count - count_e). The load-balancing loss can then be 0.
+  statistics    each RouterStats gives `experts_per_token` and `imbalance` (max / mean expert count).
+
 Dispatch, with no loop over tokens and no host synchronisation per expert: the (token, expert) assignments are sorted
 by expert (then by descending probability, which orders the capacity drop), tokens are gathered once, the experts run
 as one `bmm` per weight over an (E, capacity, C) buffer, and each token reads its k outputs back and sums them. Both
@@ -77,6 +90,17 @@ class RouterStats:
     load: torch.Tensor  # (E,) detached: fraction of this layer's top-k selections that went to each expert
     dropped_fraction: torch.Tensor  # () detached: share of assignments dropped by the capacity limit
 
+    @property
+    def experts_per_token(self) -> torch.Tensor:
+        """() mean experts selected per non-pad token (k under top-k; between 1 and k under top-p)."""
+        return (self.expert_counts.sum() / self.num_tokens.clamp(min=1)).detach()
+
+    @property
+    def imbalance(self) -> torch.Tensor:
+        """() load imbalance, max / mean of the expert counts: 1 when balanced, E when one expert takes every
+        selection (0 when no token was routed)."""
+        return (self.expert_counts.max() / self.expert_counts.mean().clamp(min=1e-12)).detach()
+
 
 class _DeferredRouterStats(RouterStats):
     """RouterStats computed on first access of a field: a no-grad forward (decoding) returns these, and a decode step
@@ -113,6 +137,8 @@ class MoEFeedForward(nn.Module):
         if self.top_k > E:
             raise ValueError(f"moe_top_k ({self.top_k}) must be <= num_experts ({E})")
         self.capacity_factor = config.moe_capacity_factor
+        self.top_p = config.moe_top_p  # None: top-k; else top-p routing with at most top_k experts per token
+        self.bias_update_rate = config.moe_bias_update_rate
         self.jitter_noise = config.moe_jitter_noise
         self.diversity_grad = config.moe_diversity_loss_coef > 0  # compute the diversity loss in forward
         self.orthogonal_init = config.moe_orthogonal_init
@@ -123,6 +149,9 @@ class MoEFeedForward(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, I, C))
         self.w2 = nn.Parameter(torch.empty(E, C, I))
         self.layer_scale = nn.Parameter(torch.empty(C)) if config.moe_layer_scale else None
+        # aux-loss-free balancing: added to the probabilities for selection only; a persistent buffer (checkpointed),
+        # moved by `update_routing_bias`, never by gradients. Absent when off, so other models' state is unchanged.
+        self.register_buffer("routing_bias", torch.empty(E, dtype=torch.float32) if self.bias_update_rate > 0 else None)
         # Expert kernel: "bmm", "grouped_mm" (CPU fp32/bf16, verified by the tests) or "auto" (= bmm, see _impl).
         self.dispatch = "auto"
         self.init_weights(config.init_std, config.init_std)
@@ -137,6 +166,7 @@ class MoEFeedForward(nn.Module):
         | w1, w3 [e]    | orthogonal, scaled so the element RMS is std (moe_orthogonal_init); else normal(0, std) |
         | w2 [e]        | orthogonal, element RMS out_std (moe_orthogonal_init); else normal(0, out_std)  |
         | layer_scale   | moe_layer_scale_init (when moe_layer_scale)                                    |
+        | routing_bias  | 0 (a buffer, when moe_bias_update_rate > 0)                                    |
 
         An orthogonal (r, c) matrix has element RMS 1 / sqrt(max(r, c)); scaling by std * sqrt(max(r, c)) keeps the
         activation scale of the normal init, so the flag changes only the structure, not the magnitudes.
@@ -150,27 +180,56 @@ class MoEFeedForward(nn.Module):
                 nn.init.normal_(w, mean=0.0, std=s)
         if self.layer_scale is not None:
             self.layer_scale.fill_(self.layer_scale_init)
+        if self.routing_bias is not None:
+            self.routing_bias.zero_()
 
     # ------------------------------------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> logits (N, E) fp32, probs (N, E) fp32, top-k weights (N, k) fp32 renormalised, indices (N, k).
 
         Jitter (training only) multiplies the router's input by U(1 - eps, 1 + eps); x itself is not modified and the
-        experts see the clean x."""
+        experts see the clean x. With a routing bias the k experts are those of highest probs + bias, and their
+        weights are the unbiased probabilities renormalised. Under top-p a slot not taken has index E (no expert)
+        and weight 0; the weights of the taken slots are renormalised over them."""
         xr = x
         if self.training and self.jitter_noise > 0:
             xr = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(xr.float(), self.gate.weight.float())  # (N, E)
         probs = torch.softmax(logits, dim=-1)
-        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.routing_bias is None:
+            top_p, top_i = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        else:
+            top_i = torch.topk(probs.detach() + self.routing_bias.float(), self.top_k, dim=-1).indices  # (N, k)
+            top_p = torch.gather(probs, 1, top_i)  # (N, k) unbiased: the bias never reaches the combine weights
+        if self.top_p is not None:
+            taken = _top_p_taken(top_p.detach(), self.top_p)  # (N, k) bool, a prefix of each row
+            top_p = top_p * taken
+            top_i = torch.where(taken, top_i, self.num_experts)
         top_w = top_p / top_p.sum(dim=-1, keepdim=True)
         return logits, probs, top_w, top_i
 
-    def capacity(self, n_tokens: torch.Tensor | int) -> torch.Tensor | int | None:
-        """ceil(cf * n_tokens * k / E) assignments per expert; None when dropless."""
+    @torch.no_grad()
+    def update_routing_bias(self, expert_counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3): b_e += rate * sign(mean_e' count_e' - count_e), so an
+        overloaded expert becomes less likely to be selected and an idle one more. expert_counts (E,): selections
+        of this layer over the whole optimizer step, summed over data-parallel ranks (then every rank computes
+        the same bias)."""
+        if self.routing_bias is None:
+            raise ValueError("update_routing_bias needs moe_bias_update_rate > 0 (the routing bias is off)")
+        counts = expert_counts.to(self.routing_bias.device, torch.float32)
+        if counts.shape != self.routing_bias.shape:
+            raise ValueError(f"expert_counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
+        self.routing_bias.add_(torch.sign(counts.mean() - counts), alpha=self.bias_update_rate)
+
+    def capacity(self, n_tokens: torch.Tensor | int, n_assignments: torch.Tensor | None = None
+                 ) -> torch.Tensor | int | None:
+        """ceil(cf * n_tokens * k / E) assignments per expert; None when dropless. Under top-p the count of
+        assignments varies: with n_assignments given, ceil(cf * n_assignments / E) (at most the top-k value)."""
         if self.capacity_factor is None:
             return None
+        if self.top_p is not None and n_assignments is not None:
+            return torch.ceil(n_assignments.double() * self.capacity_factor / self.num_experts).long()
         if isinstance(n_tokens, torch.Tensor):
             return torch.ceil(n_tokens.double() * self.capacity_factor * self.top_k / self.num_experts).long()
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
@@ -186,20 +245,20 @@ class MoEFeedForward(nn.Module):
             return self._forward_few(xf, valid, logits, probs, top_w, top_i, B, T)
         valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
 
-        # --- sort the A assignments by expert, then by descending probability (drop order) ----------------------
+        # --- sort the A assignments (pads and top-p's untaken slots to the sentinel E) by expert, then by descending probability (drop order) ----------------------
         a_expert = torch.where(valid[:, None], top_i, E).reshape(A)  # pads go to a sentinel expert E
-        a_prob = torch.gather(probs, 1, top_i).reshape(A)
+        a_prob = torch.gather(probs, 1, top_i.clamp(max=E - 1)).reshape(A)  # sentinel rows: any value
         order = torch.argsort(a_prob.detach(), descending=True, stable=True)
         order = order[torch.argsort(a_expert[order], stable=True)]  # (A,) grouped by expert, best first
         e_sorted = a_expert[order]
         counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(
-            0, a_expert, torch.ones_like(a_expert))  # (E+1,) the last entry counts pad assignments
+            0, a_expert, torch.ones_like(a_expert))  # (E+1,) the last entry counts pad and untaken assignments
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(A, device=x.device) - starts[e_sorted]  # position within the expert's group
         n_valid = valid.sum()
         # capacity limits training only: in eval every token reaches its experts, so a token's output does not
         # depend on the rest of the batch and incremental decoding equals a full forward
-        cap = self.capacity(n_valid) if self.training else None
+        cap = self.capacity(n_valid, counts[:E].sum()) if self.training else None
         keep = e_sorted < E
         if cap is not None:
             keep = keep & (rank < cap)
@@ -438,6 +497,14 @@ def expert_diversity(module: MoEFeedForward) -> torch.Tensor:
     return (cos * off).pow(2).sum() / (E * (E - 1))
 
 
+def _top_p_taken(top_p: torch.Tensor, p: float) -> torch.Tensor:
+    """top_p (N, k) probabilities of each token's candidates in selection order -> (N, k) bool: a candidate is taken
+    while the mass of the candidates before it is below p (so the first always is, and a larger p takes at least as
+    many: the mean experts per token is non-decreasing in p, from 1 at small p to k at p = 1)."""
+    before = F.pad(torch.cumsum(top_p, dim=-1)[:, :-1], (1, 0))  # (N, k) exclusive prefix sums
+    return before < p
+
+
 def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterStats:
     """valid (N,) bool, or None when every token is real."""
     z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
@@ -487,19 +554,21 @@ def moe_total_aux_loss(losses: dict[str, torch.Tensor], config: MiniMaxConfig) -
 def moe_forward_reference(
     module: MoEFeedForward, x: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, RouterStats]:
-    """The same layer written plainly: route every token, then loop over experts, each taking its tokens in order of
-    descending router probability up to the capacity, running its SwiGLU and adding the weighted output back.
-    No jitter (call it in eval mode, or with moe_jitter_noise = 0). For tests."""
+    """The same layer written plainly: route every token (`_route_reference`), then loop over experts, each taking
+    its tokens in order of descending router probability up to the capacity, running its SwiGLU and adding the
+    weighted output back. No jitter (call it in eval mode, or with moe_jitter_noise = 0). For tests."""
     B, T, C = _check_inputs(x, token_mask, module.w1.shape[-1])
-    E, k = module.num_experts, module.top_k
+    E = module.num_experts
     xf = x.reshape(B * T, C)
     valid = torch.ones(B * T, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(-1)
     logits = xf.float() @ module.gate.weight.float().t()
     probs = torch.softmax(logits, dim=-1)
-    top_p, top_i = torch.topk(probs, k, dim=-1)
+    top_i = _route_reference(module, probs)  # (N, k), E = slot not taken
+    top_p = torch.gather(probs, 1, top_i.clamp(max=E - 1)) * (top_i < E)
     top_w = top_p / top_p.sum(-1, keepdim=True)
     n_valid = int(valid.sum())
-    cap = module.capacity(n_valid) if module.training else None  # training only, as in forward
+    n_assignments = torch.tensor(int(((top_i < E) & valid[:, None]).sum()))
+    cap = module.capacity(n_valid, n_assignments) if module.training else None  # training only, as in forward
     y = torch.zeros_like(xf)
     counts = torch.zeros(E)
     kept = torch.zeros(E)
@@ -519,3 +588,21 @@ def moe_forward_reference(
     stats = _make_stats(module, logits, probs, counts.to(x.device), kept.to(x.device), valid,
                         torch.tensor(n_valid, device=x.device))
     return y.view(B, T, C), stats
+
+
+def _route_reference(module: MoEFeedForward, probs: torch.Tensor) -> torch.Tensor:
+    """Token by token: rank the experts by probs + routing bias and take them in that order, at most k, under top-p
+    only while the probability mass already taken (float32, in the same order) is below p.
+    probs (N, E) -> expert indices (N, k), E where a slot is not taken."""
+    E, k = module.num_experts, module.top_k
+    scores = probs.detach() if module.routing_bias is None else probs.detach() + module.routing_bias.float()
+    ranked = torch.argsort(scores, dim=-1, descending=True, stable=True)  # (N, E)
+    chosen = torch.full((probs.shape[0], k), E, dtype=torch.long, device=probs.device)
+    for n in range(probs.shape[0]):
+        mass = torch.zeros((), dtype=torch.float32)
+        for j in range(k):
+            if module.top_p is not None and mass >= module.top_p:
+                break
+            chosen[n, j] = ranked[n, j]
+            mass = mass + probs[n, ranked[n, j]].detach().float()
+    return chosen
