@@ -82,5 +82,9 @@ def moe_figures(moe_stats) -> dict[str, Any]:
         return {}
     loads = [[round(float(v), 6) for v in s.load] for s in moe_stats]
     dropped = [float(s.dropped_fraction) for s in moe_stats]
+    experts = [round(float(s.experts_per_token), 6) for s in moe_stats]
+    imbalance = [round(float(s.imbalance), 6) for s in moe_stats]
     return {"moe_expert_load": loads, "moe_max_load": max(max(layer) for layer in loads),
-            "moe_dropped_fraction": sum(dropped) / len(dropped)}
+            "moe_dropped_fraction": sum(dropped) / len(dropped),
+            "moe_experts_per_token": experts, "moe_imbalance": imbalance,  # per layer; imbalance = max / mean load
+            "moe_mean_imbalance": sum(imbalance) / len(imbalance)}

@@ -48,6 +48,7 @@ from minimax_gpt.parallel.distributed import (NullMetricsLog, all_gather_objects
                                      evaluate_sharded, main_process_first, parallelize, reshard, seed_rank,
                                      shard_training_data)
 from minimax_gpt.parallel.distributed import setup as setup_distributed
+from minimax_gpt.parallel.reduce import all_reduce_sum
 from minimax_gpt.training.evaluation import evaluate, evaluate_checkpoint
 from minimax_gpt.training.faults import BadStepTracker, GracefulStop
 from minimax_gpt.training.metrics import MetricsLog, moe_figures, plot_losses
@@ -309,8 +310,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss, out, grad_norm = _train_step(self.train_model, self.optimizer, self.scaler, self.train_data,
-                                           self.data_gen, phase, tc, self.device, self.precision)
+        loss, out, grad_norm, expert_counts = _train_step(self.train_model, self.optimizer, self.scaler,
+                                                          self.train_data, self.data_gen, phase, tc, self.device,
+                                                          self.precision)
         dt = time.perf_counter() - t0
         tokens = phase.batch_size * phase.seq_len * tc.grad_accum_steps
         self.train_seconds += dt
@@ -321,6 +323,8 @@ class Trainer:
         p.phase_step += 1
         p.tokens_seen += tokens
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite and self.model.balances_routing:  # aux-loss-free balancing: the same counts, so bias, on every rank
+            self.model.update_routing_bias(all_reduce_sum(expert_counts))
         self.bad_steps.record(finite)
         p.skipped_steps = self.bad_steps.skipped
         if not finite:
@@ -462,10 +466,11 @@ def _portable_paths(tc: TrainConfig) -> dict[str, Any]:
 
 def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc: TrainConfig,
                 device: torch.device, precision: str):
-    """One optimizer step over grad_accum_steps micro-batches -> (mean loss, last output, grad norm)."""
+    """One optimizer step over grad_accum_steps micro-batches -> (mean loss, last output, grad norm, expert counts):
+    the counts (MoE layers, E) are the step's expert selections summed over the micro-batches (None without MoE)."""
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    out = None
+    out = counts = None
     for _ in range(tc.grad_accum_steps):
         x, y = data.get_batch(phase.batch_size, phase.seq_len, data_gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -474,10 +479,13 @@ def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc
         loss = out.loss / tc.grad_accum_steps
         scaler.scale(loss).backward()
         total += loss.detach().float()
+        if out.moe_stats:
+            step_counts = torch.stack([s.expert_counts for s in out.moe_stats])  # (MoE layers, E)
+            counts = step_counts if counts is None else counts + step_counts
     loss_value = float(all_reduce_mean(total))  # the global batch's loss: the mean over data-parallel ranks
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        return loss_value, out, float("nan")
+        return loss_value, out, float("nan"), counts
     params = [p for p in model.parameters() if p.grad is not None]
     if tc.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -488,10 +496,10 @@ def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc
             grad_norm /= scaler.get_scale()
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
-        return loss_value, out, grad_norm
+        return loss_value, out, grad_norm, counts
     scaler.step(optimizer)  # under fp16 this skips the update itself when the gradients overflowed
     scaler.update()
-    return loss_value, out, grad_norm if math.isfinite(grad_norm) else 0.0
+    return loss_value, out, grad_norm if math.isfinite(grad_norm) else 0.0, counts
 
 
 def _write_sample(model, tokenizer, tc: TrainConfig, path: Path) -> str:
