@@ -42,3 +42,11 @@ def check_chunk_size(chunk_size) -> None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
+
+TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # the Triton kernels' tile of C x C scores: a power of two >= 16 (tl.dot)
+
+
+def check_triton_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or chunk_size not in TRITON_CHUNK_SIZES:
+        raise ValueError(f"chunk_size of the Triton lightning kernels must be one of {TRITON_CHUNK_SIZES}, "
+                         f"got {chunk_size!r}")
