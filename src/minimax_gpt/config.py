@@ -18,6 +18,7 @@ from minimax_gpt.atomic import atomic_file
 
 LAYER_TYPES = ("lightning", "softmax")
 POS_EMBEDDINGS = ("learned", "none")
+LIGHTNING_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class MiniMaxConfig:
     use_flash_attn: bool = True  # softmax layers through SDPA / FlashAttention; False -> explicit math path
     lightning_chunk_size: int = 64  # block size of the chunked lightning kernel (transformers calls it block_size)
     lightning_use_rope: bool = False  # rotate q/k in lightning layers too (MiniMax-01 rotates softmax layers only)
+    # "auto": the Triton kernels on CUDA where Triton is importable, else the PyTorch op (logged once); "torch";
+    # "triton" (an error where it cannot run). With "auto", MINIMAX_GPT_LIGHTNING_BACKEND may force either.
+    lightning_backend: str = "auto"
 
     # --- positions ---------------------------------------------------------------------------------------------
     pos_embedding: str = "none"  # "learned": absolute nn.Embedding added to the tokens; "none"
@@ -147,6 +151,9 @@ class MiniMaxConfig:
         if not self.use_hybrid_attn and "lightning" in self.layer_types:
             raise ValueError("layer_types contains 'lightning' layers but use_hybrid_attn is False; "
                              "set use_hybrid_attn=True or list only 'softmax' layers")
+        if self.lightning_backend not in LIGHTNING_BACKENDS:
+            raise ValueError(f"lightning_backend is {self.lightning_backend!r}; "
+                             f"allowed: {', '.join(LIGHTNING_BACKENDS)}")
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise ValueError(f"pos_embedding is {self.pos_embedding!r}; allowed: {', '.join(POS_EMBEDDINGS)}")
         if not (0 <= self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:

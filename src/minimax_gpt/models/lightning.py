@@ -1,10 +1,12 @@
-"""The lightning attention layer (MiniMax-01): projections, gate and cache around the ops in `ops/lightning.py`.
+"""The lightning attention layer (MiniMax-01): projections, gate and cache around the ops in `ops/lightning/`.
 
     q, k, v = split(silu(x W_qkv^T))              one fused projection, head-major rows [q_h | k_h | v_h]
     o       = lightning(q, k, v, lam)             o_t = sum_{s<=t} exp(-lam (t - s)) (q_t . k_s) v_s, per head
     y       = W_out (RMSNorm(o) * sigmoid(x W_gate^T))
 
-Training and prefill use the chunked kernel; decoding one token uses the recurrence. The cache holds one state per
+Training and prefill use the chunked op; decoding one token uses the recurrence. Both run either in PyTorch or as
+Triton kernels, as `config.lightning_backend` and the device decide (ops/lightning/backend.py, logged once per
+device). The cache holds one state per
 layer, S = sum_s exp(-lam (t - s)) k_s^T v_s of shape (B, H, D, D) in float32, whatever the context length.
 Padding tokens get q = k = v = 0, so they add nothing to the state and a left-padded row equals its unpadded self.
 
@@ -22,6 +24,8 @@ from minimax_gpt.models.context import ForwardContext
 from minimax_gpt.models.norm import RMSNorm
 from minimax_gpt.ops.lightning import (lightning_attn_chunked, lightning_attn_chunked_packed,
                                        lightning_attn_recurrent, lightning_slopes)
+from minimax_gpt.ops.lightning.backend import lightning_backend, requested_backend, triton_ops
+from minimax_gpt.ops.lightning.inputs import TRITON_CHUNK_SIZES
 from minimax_gpt.models.rotary import apply_rotary
 
 
@@ -31,6 +35,10 @@ class LightningAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.chunk_size = config.lightning_chunk_size
+        self.backend = requested_backend(config.lightning_backend)  # "auto", "torch" or "triton"
+        if self.backend == "triton" and self.chunk_size not in TRITON_CHUNK_SIZES:
+            raise ValueError(f"lightning_chunk_size must be one of {TRITON_CHUNK_SIZES} with lightning_backend "
+                             f"'triton', got {self.chunk_size}")
         self.use_rope = config.lightning_use_rope and config.rotary_dim > 0
         inner = self.n_head * self.head_dim
         self.qkv_proj = nn.Linear(config.n_embd, 3 * inner, bias=False)
@@ -48,16 +56,13 @@ class LightningAttention(nn.Module):
             qkv = qkv * ctx.token_mask[..., None].to(qkv.dtype)
         heads = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D), a view
         state = ctx.cache.states[self.layer_idx] if ctx.cache is not None else None
-        if self.use_rope or (state is not None and T == 1):
+        use_triton = lightning_backend(self.backend, x.device, self.chunk_size) == "triton"
+        if self.use_rope or (state is not None and T == 1) or use_triton:
             q, k, v = heads.split(D, dim=-1)  # 3 x (B, H, T, D), views
             if self.use_rope:
                 cos, sin = ctx.rope
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if state is not None and T == 1:
-                o, state = lightning_attn_recurrent(q, k, v, self.slopes, initial_state=state)
-            else:
-                o, state = lightning_attn_chunked(q, k, v, self.slopes, initial_state=state,
-                                                  chunk_size=self.chunk_size)
+            o, state = self._attend(q, k, v, state, use_triton)
         else:  # no rotation: the packed op reads q, k, v in place and writes dqkv in the projection's layout
             o, state = lightning_attn_chunked_packed(heads, self.slopes, initial_state=state,
                                                      chunk_size=self.chunk_size)
@@ -65,3 +70,17 @@ class LightningAttention(nn.Module):
             ctx.cache.states[self.layer_idx] = state
         o = o.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.out_proj(self.norm(o) * torch.sigmoid(self.output_gate(x)))
+
+    def _attend(self, q, k, v, state, use_triton: bool):
+        """(o (B, H, T, D), final state) of q, k, v (B, H, T, D): the recurrence for one decoded token, else the
+        chunked op; through the Triton kernels or PyTorch. The Triton recurrence has no backward, so a decoding step
+        that is differentiated runs the chunked kernels (the same values)."""
+        decode = state is not None and q.shape[2] == 1
+        if use_triton:
+            ops = triton_ops()
+            if decode and not (torch.is_grad_enabled() and q.requires_grad):
+                return ops.lightning_attn_triton_recurrent(q, k, v, self.slopes, initial_state=state)
+            return ops.lightning_attn_triton(q, k, v, self.slopes, initial_state=state, chunk_size=self.chunk_size)
+        if decode:
+            return lightning_attn_recurrent(q, k, v, self.slopes, initial_state=state)
+        return lightning_attn_chunked(q, k, v, self.slopes, initial_state=state, chunk_size=self.chunk_size)

@@ -9,6 +9,9 @@ are tested against.
     chunk_fused.py  its hand-written forward and backward as torch.library custom ops
     recurrent.py    lightning_attn_recurrent: token by token (decoding)
     decay.py        lightning_slopes: the per-head decay rates of a layer
+    triton_ops.py   lightning_attn_triton(_recurrent): the same through the Triton kernels of triton_kernels.py
+                    (CUDA; CPU through TRITON_INTERPRET=1); imported on use, as Triton is optional
+    backend.py      which of the two the lightning layer runs (config, environment, device), logged once
 """
 
 from minimax_gpt.ops.lightning.chunk import lightning_attn_chunked, lightning_attn_chunked_packed
