@@ -3,12 +3,11 @@
 import logging
 
 import pytest
-import torch
 
 from minimax_gpt import MiniMaxConfig
 from minimax_gpt.ops.lightning import backend
 
-CPU = torch.device("cpu")
+CPU, CUDA = "cpu", "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -46,22 +45,21 @@ def test_auto_on_cpu_runs_pytorch_and_says_why_once(caplog):
 
 
 def test_auto_on_cuda_falls_back_with_a_warning_naming_the_reason(monkeypatch, caplog):
-    cuda = torch.device("cuda")  # a device object only: nothing is allocated
     monkeypatch.setattr(backend, "_triton_missing", lambda: "Triton cannot be imported (no module named 'triton')")
     with caplog.at_level(logging.WARNING, logger=backend.__name__):
-        assert backend.lightning_backend("auto", cuda, 64) == "torch"
-        assert backend.lightning_backend("auto", cuda, 24) == "torch"
+        assert backend.lightning_backend("auto", CUDA, 64) == "torch"
+        assert backend.lightning_backend("auto", CUDA, 24) == "torch"
     assert "Triton cannot be imported" in caplog.records[0].getMessage()
     assert "lightning_chunk_size 24 is not one of the kernels' (16, 32, 64, 128)" in caplog.records[1].getMessage()
     monkeypatch.setattr(backend, "_triton_missing", lambda: None)
-    assert backend.lightning_backend("auto", cuda, 128) == "triton"
+    assert backend.lightning_backend("auto", CUDA, 128) == "triton"
 
 
 def test_forcing_triton_where_it_cannot_run_is_one_clear_error(monkeypatch):
     original = backend._triton_missing
     monkeypatch.setattr(backend, "_triton_missing", lambda: "Triton cannot be imported (no module named 'triton')")
     with pytest.raises(RuntimeError, match="lightning_backend='triton' but Triton cannot be imported"):
-        backend.lightning_backend("triton", torch.device("cuda"), 64)
+        backend.lightning_backend("triton", CUDA, 64)
     assert backend._decided == {}  # an error is not remembered as a decision
     pytest.importorskip("triton", reason="the CPU checks below import the Triton ops")
     monkeypatch.setattr(backend, "_triton_missing", original)

@@ -2,8 +2,9 @@
 
     requested_backend(configured)                    the config's lightning_backend, or MINIMAX_GPT_LIGHTNING_BACKEND
                                                      when the config says "auto"; a conflict between them is an error
-    lightning_backend(requested, device, chunk_size) "torch" or "triton" for tensors on `device`, decided once per
-                                                     (request, device type, chunk size) and logged in one line
+    lightning_backend(requested, device_type, chunk_size)  "torch" or "triton" for tensors on that device type
+                                                     ("cuda", "cpu"), decided once per (request, device type, chunk
+                                                     size) and logged in one line
 
 "auto" runs the kernels on CUDA when Triton is importable and the chunk size is one they take, else the PyTorch op,
 and says which and why. "triton" runs the kernels or raises: without Triton, or on CPU without TRITON_INTERPRET=1
@@ -59,26 +60,25 @@ def _interpreter_on() -> bool:
     return triton_ops().interpreter_on()
 
 
-@torch.compiler.disable  # runs once per key, outside any compiled graph (it imports and logs)
-def _decide(requested: str, device: torch.device, chunk_size: int) -> str:
+def _decide(requested: str, device_type: str, chunk_size: int) -> str:
     if requested == "torch":
-        logger.info("lightning layers on %s: the PyTorch chunked op (lightning_backend='torch')", device.type)
+        logger.info("lightning layers on %s: the PyTorch chunked op (lightning_backend='torch')", device_type)
         return "torch"
     bad_chunk = chunk_size not in TRITON_CHUNK_SIZES
     if requested == "triton":
         missing = _triton_missing()
         if missing:
             raise RuntimeError(f"lightning_backend='triton' but {missing}; pip install triton, or use 'auto'")
-        if device.type != "cuda" and not _interpreter_on():
-            raise RuntimeError(f"lightning_backend='triton' needs CUDA tensors (these are on {device.type}), or "
+        if device_type != "cuda" and not _interpreter_on():
+            raise RuntimeError(f"lightning_backend='triton' needs CUDA tensors (these are on {device_type}), or "
                                "TRITON_INTERPRET=1 to run the kernels through Triton's interpreter on CPU")
         if bad_chunk:
             raise ValueError(f"lightning_chunk_size must be one of {TRITON_CHUNK_SIZES} for the Triton kernels, "
                              f"got {chunk_size}")
-        how = "compiled" if device.type == "cuda" else "through Triton's interpreter (slow; for tests)"
-        logger.info("lightning layers on %s: the Triton kernels, %s (lightning_backend='triton')", device.type, how)
+        how = "compiled" if device_type == "cuda" else "through Triton's interpreter (slow; for tests)"
+        logger.info("lightning layers on %s: the Triton kernels, %s (lightning_backend='triton')", device_type, how)
         return "triton"
-    if device.type != "cuda":
+    if device_type != "cuda":
         why = "no CUDA device"  # (Triton is not even imported)
     elif bad_chunk:
         why = f"lightning_chunk_size {chunk_size} is not one of the kernels' {TRITON_CHUNK_SIZES}"
@@ -87,15 +87,16 @@ def _decide(requested: str, device: torch.device, chunk_size: int) -> str:
     if why is None:
         logger.info("lightning layers on cuda: the Triton kernels (lightning_backend='auto', Triton importable)")
         return "triton"
-    log = logger.warning if device.type == "cuda" else logger.info
-    log("lightning layers on %s: the PyTorch chunked op, not the Triton kernels: %s", device.type, why)
+    log = logger.warning if device_type == "cuda" else logger.info
+    log("lightning layers on %s: the PyTorch chunked op, not the Triton kernels: %s", device_type, why)
     return "torch"
 
 
-def lightning_backend(requested: str, device: torch.device, chunk_size: int) -> str:
-    """"torch" or "triton": what runs for `requested` ("auto", "torch" or "triton") on tensors on `device`."""
-    key = (requested, device.type, chunk_size)
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing and keeps the answer: no break
+def lightning_backend(requested: str, device_type: str, chunk_size: int) -> str:
+    """"torch" or "triton": what runs for `requested` ("auto", "torch" or "triton") on tensors of `device_type`."""
+    key = (requested, device_type, chunk_size)
     chosen = _decided.get(key)
     if chosen is None:
-        chosen = _decided[key] = _decide(requested, device, chunk_size)
+        chosen = _decided[key] = _decide(requested, device_type, chunk_size)
     return chosen
