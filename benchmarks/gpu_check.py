@@ -4,12 +4,15 @@
 
 1. Correctness (each line prints PASS / FAIL / SKIP with the max error):
    - softmax attention through SDPA (flash / memory-efficient kernel) vs the CPU math path, logits and gradients
-   - the lightning layers (chunked op) on CUDA vs CPU, via a lightning-only model
+   - the lightning layers on CUDA (the Triton kernels, and the PyTorch op forced) vs CPU, via a lightning-only model
+   - the lightning ops on CUDA against the float64 formula: our Triton kernels, the PyTorch op and fla's
+     chunk_simple_gla when it is installed (gpu_lightning.py), and their forward+backward time at 2k-64k tokens
    - torch._grouped_mm on CUDA bf16 vs a loop of matmuls (the experts' kernel)
    - bf16 autocast vs fp32 (loss within 2e-2)
    - torch.compile vs eager (logits within 1e-4 in fp32)
 2. Training tokens/s and MFU of a ~100M-parameter hybrid MoE (8 layers, 7 lightning : 1 softmax per 8, 8 experts
-   top-2) at 2k, 8k and 32k context (bf16 autocast, fixed 32k tokens per step; activation checkpointing at 32k).
+   top-2) at 2k, 8k and 32k context (bf16 autocast, fixed 32k tokens per step; activation checkpointing at 32k), with
+   each lightning backend (--backends: the Triton kernels at chunk 64, the PyTorch op at chunk 256).
    MFU = 6 * active_params * tokens/s (+ causal softmax attention 6 * T * C per token per softmax layer) / peak, with
    the peak bf16 dense FLOP/s from --peak-tflops (default 989, H100 / H200 SXM).
 3. Decode tokens/s (batch 1 and 16, 256 new tokens after a 1024-token prompt).
@@ -24,6 +27,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from benchmarks.gpu_lightning import bench_lightning_kernels, check_lightning_kernels
 
 
 def _report(results: dict, name: str, ok: bool | None, **info) -> None:
@@ -77,8 +82,10 @@ def check_correctness(results: dict) -> None:
     # T = 200 is not a multiple of the chunk size (32), as the style guide asks of every fast path
     _compare_devices(results, "softmax attention: SDPA on CUDA vs CPU math",
                      _tiny_config(layer_types=["softmax", "softmax"], use_moe=False))
-    _compare_devices(results, "lightning layers: CUDA vs CPU", _tiny_config(layer_types=["lightning", "lightning"],
-                                                                              use_moe=False))
+    _compare_devices(results, "lightning layers (auto: Triton kernels): CUDA vs CPU",
+                     _tiny_config(layer_types=["lightning", "lightning"], use_moe=False))
+    _compare_devices(results, "lightning layers (PyTorch op): CUDA vs CPU",
+                     _tiny_config(layer_types=["lightning", "lightning"], use_moe=False, lightning_backend="torch"))
     _compare_devices(results, "hybrid MoE model: CUDA vs CPU", _tiny_config())
     try:
         import flash_attn  # noqa: F401
@@ -89,7 +96,8 @@ def check_correctness(results: dict) -> None:
     try:
         import fla  # noqa: F401
 
-        _report(results, "flash-linear-attention package", True, note="importable; not wired into the model")
+        _report(results, "flash-linear-attention package", True,
+                note="importable; compared with our kernels in the lightning checks")
     except ImportError:
         _report(results, "flash-linear-attention package", None, note="not installed")
 
@@ -137,55 +145,64 @@ def check_correctness(results: dict) -> None:
         _report(results, "torch.compile vs eager logits", False, error=repr(e)[:300])
 
 
-def bench_config(seq_len: int):
+def bench_config(seq_len: int, backend: str = "auto"):
     from minimax_gpt.config import MiniMaxConfig
 
     return MiniMaxConfig.from_dict(dict(
         vocab_size=32768, block_size=seq_len, n_layer=8, n_head=12, n_embd=768, hybrid_period=8,
-        lightning_chunk_size=256, intermediate_size=512, use_moe=True, num_experts=8, moe_top_k=2,
-        use_checkpoint=seq_len >= 32768))
+        lightning_chunk_size=256 if backend == "torch" else 64, lightning_backend=backend, intermediate_size=512,
+        use_moe=True, num_experts=8, moe_top_k=2, use_checkpoint=seq_len >= 32768))
 
 
-def bench_training(results: dict, contexts, steps: int, peak_tflops: float) -> None:
+def _train_steps(model, x, steps: int) -> float:
+    """Seconds per optimizer step, after two warm-up steps."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for i in range(steps + 2):
+        if i == 2:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, targets=x, loss_chunk_size=1024).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_training(results: dict, contexts, steps: int, peak_tflops: float, backends=("triton", "torch")) -> None:
     import torch
 
     from minimax_gpt.models.model import EnhancedMiniMaxGPT
     from minimax_gpt.training.trainer import count_params
 
-    for T in contexts:
-        cfg = bench_config(T)
-        torch.manual_seed(0)
-        model = EnhancedMiniMaxGPT(cfg).cuda().train()
-        total, active = count_params(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        B = max(1, 32768 // T)
-        x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            for i in range(steps + 2):  # two warm-up steps
-                if i == 2:
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(x, targets=x, loss_chunk_size=1024).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / steps
-        except torch.OutOfMemoryError as e:
-            _report(results, f"train T={T}", False, error=str(e)[:200])
-            continue
-        tok_s = B * T / dt
-        n_softmax = cfg.layer_types.count("softmax")
-        flops_per_token = 6 * active + 6 * n_softmax * T * cfg.n_embd  # causal: half of 12 * T * C
-        mfu = tok_s * flops_per_token / (peak_tflops * 1e12)
-        results.setdefault("train", {})[T] = {"batch": B, "tokens_per_s": tok_s, "mfu": mfu, "params": total,
-                                              "active_params": active, "step_s": dt,
-                                              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-        print(f"train T={T}: {tok_s:,.0f} tok/s, MFU {mfu:.1%}, {total / 1e6:.0f}M params ({active / 1e6:.0f}M "
-              f"active), peak {results['train'][T]['peak_mem_gib']:.1f} GiB", flush=True)
-        del model, opt
+    for backend in backends:
+        for T in contexts:
+            cfg = bench_config(T, backend)
+            torch.manual_seed(0)
+            model = EnhancedMiniMaxGPT(cfg).cuda().train()
+            total, active = count_params(model)
+            B = max(1, 32768 // T)
+            x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                dt = _train_steps(model, x, steps)
+            except torch.OutOfMemoryError as e:
+                _report(results, f"train {backend} T={T}", False, error=str(e)[:200])
+                continue
+            tok_s = B * T / dt
+            n_softmax = cfg.layer_types.count("softmax")
+            flops_per_token = 6 * active + 6 * n_softmax * T * cfg.n_embd  # causal: half of 12 * T * C
+            mfu = tok_s * flops_per_token / (peak_tflops * 1e12)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            results.setdefault("train", {}).setdefault(backend, {})[T] = {
+                "batch": B, "tokens_per_s": tok_s, "mfu": mfu, "params": total, "active_params": active,
+                "step_s": dt, "peak_mem_gib": peak}
+            print(f"train {backend} T={T}: {tok_s:,.0f} tok/s, MFU {mfu:.1%}, {total / 1e6:.0f}M params "
+                  f"({active / 1e6:.0f}M active), peak {peak:.1f} GiB", flush=True)
+            del model
 
 
 def bench_decode(results: dict, new_tokens: int) -> None:
@@ -215,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    p.add_argument("--backends", nargs="+", default=["triton", "torch"], choices=["triton", "torch"],
+                   help="lightning backends to train with")
+    p.add_argument("--lightning-seq-lens", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing run")
@@ -222,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     start = time.perf_counter()
     check_correctness(results)
+    check_lightning_kernels(results)
+    bench_lightning_kernels(results, args.lightning_seq_lens[:2] if args.quick else args.lightning_seq_lens)
     contexts = (2048, 8192) if args.quick else (2048, 8192, 32768)
-    bench_training(results, contexts, 3 if args.quick else args.steps, args.peak_tflops)
+    bench_training(results, contexts, 3 if args.quick else args.steps, args.peak_tflops, args.backends)
     bench_decode(results, 64 if args.quick else 256)
     results["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
