@@ -32,11 +32,12 @@ weight is written as zeros and router_aux_loss_coef as 0 (with one expert the ba
 back, it is a 1-expert MoE model (same numbers), not a dense one.
 
 What cannot be expressed on the other side raises one ValueError that lists every offending field: on export
-pre-norm, adaptive XPos, learned positions, a capacity limit, MoE layer scale, RoPE in lightning layers, partial or no
-rotary with softmax layers; on import a non-SiLU activation, sliding windows, RoPE scaling, shared experts, per-layer
+pre-norm, adaptive XPos, learned positions, a capacity limit, MoE layer scale, top-p routing, RoPE in lightning
+layers, partial or no rotary with softmax layers, and (from `to_hf`, which sees the weights) a non-zero
+aux-loss-free routing bias, which changes which experts are selected (an all-zero bias exports exactly); on import a non-SiLU activation, sliding windows, RoPE scaling, shared experts, per-layer
 expert counts, and (remote code) non-power-of-two heads with lightning layers (see 2 below). Settings that only act in
 training and have no counterpart (dropout, z-loss, diversity loss, router jitter, whose transformers version also
-perturbs the experts' input) are not carried and a warning names them; an imported model has moe_z_loss_coef = 0, so
+perturbs the experts' input, the routing bias's update rate) are not carried and a warning names them; an imported model has moe_z_loss_coef = 0, so
 its loss is transformers' loss (cross-entropy + router_aux_loss_coef * load balance).
 
 Where transformers' MiniMax deviates from the released MiniMax-Text-01 (remote code, `attn_type_list` configs):
@@ -122,6 +123,9 @@ def export_problems(config: MiniMaxConfig) -> list[str]:
         problems.append(f"pos_embedding={config.pos_embedding!r}: transformers' MiniMax has no learned positions")
     if config.use_moe and config.moe_capacity_factor is not None:
         problems.append(f"moe_capacity_factor={config.moe_capacity_factor}: transformers' MiniMax is dropless")
+    if config.use_moe and config.moe_top_p is not None:
+        problems.append(f"moe_top_p={config.moe_top_p}: transformers' MiniMax routes every token to exactly "
+                        "num_experts_per_tok experts (no top-p routing)")
     if config.use_moe and config.moe_layer_scale:
         problems.append("moe_layer_scale=True: transformers' MiniMax has no scale on the MoE output")
     if config.lightning_use_rope:
@@ -137,7 +141,7 @@ def _training_only_not_carried(config: MiniMaxConfig) -> list[str]:
     if config.dropout > 0:
         names.append(f"dropout={config.dropout}")
     if config.use_moe:
-        for name in ("moe_z_loss_coef", "moe_diversity_loss_coef", "moe_jitter_noise"):
+        for name in ("moe_z_loss_coef", "moe_diversity_loss_coef", "moe_jitter_noise", "moe_bias_update_rate"):
             if getattr(config, name) > 0:
                 names.append(f"{name}={getattr(config, name)}")
     return names
@@ -321,11 +325,25 @@ def hf_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_routing_bias(model) -> None:
+    """transformers' MiniMax selects experts by probability alone: a model whose aux-loss-free routing bias is zero
+    everywhere exports exactly (the bias update rate only acts in training), one with a non-zero bias would select
+    differently there, so it is refused."""
+    biased = [i for i, block in enumerate(model.blocks)
+              if getattr(block.mlp, "routing_bias", None) is not None and bool(block.mlp.routing_bias.ne(0).any())]
+    if biased:
+        largest = max(float(model.blocks[i].mlp.routing_bias.abs().max()) for i in biased)
+        raise ValueError(f"cannot export to transformers' MiniMax: the MoE routing bias (moe_bias_update_rate) is "
+                         f"non-zero in layers {biased} (largest |bias| {largest:.3g}); transformers selects experts "
+                         "by router probability alone, so the exported model would route differently")
+
+
 def to_hf(model, **hf_kwargs: Any):
     """A transformers MiniMaxForCausalLM with exactly our weights, in eval mode, on the model's device and dtype.
     `hf_kwargs` go to the config (e.g. attn_implementation="eager", eos_token_id=...)."""
     transformers = _transformers()
     hf_config = config_to_hf(model.config, **hf_kwargs)
+    _check_routing_bias(model)
     p = model.wte.weight
     hf = transformers.MiniMaxForCausalLM(hf_config).to(device=p.device, dtype=p.dtype)
     params = dict(hf.named_parameters())
