@@ -90,7 +90,9 @@ class SoftmaxAttention(nn.Module):
         if self.use_rope:
             cos, sin = ctx.rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if ctx.cache is not None:
+        if ctx.seq is not None:  # sequence parallelism: the keys and values of every slice up to this rank's
+            k, v = ctx.seq.gather_kv(k, v)  # (B, Hkv, S, D)
+        elif ctx.cache is not None:
             k, v = ctx.cache.update_kv(self.layer_idx, ctx.offset, k, v)  # (B, Hkv, S, D)
         if self.xpos is not None:
             y = self._attend_xpos(q, k, v, ctx)

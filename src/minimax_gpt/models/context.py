@@ -7,6 +7,7 @@ Shapes: B batch, T new tokens, S all keys so far (past + new), R rotary dims.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,12 +24,17 @@ class ForwardContext:
     offset: int  # slot of the first new token in the cache (0 without a cache)
     cache: ModelCache | None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, 1, T, R)
+    # sequence parallelism: this rank holds one slice of each sequence; the layers exchange through this handle
+    # (minimax_gpt.parallel.sequence.SequenceParallel; the model never imports torch.distributed)
+    seq: Any = None
 
 
 def build_context(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  cache: ModelCache | None) -> ForwardContext:
+                  cache: ModelCache | None, seq: Any = None) -> ForwardContext:
     B, T = input_ids.shape
     device = input_ids.device
+    if seq is not None:
+        return _slice_context(B, T, attention_mask, seq, device)
     if cache is not None:
         if cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input_ids has batch size {B}")
@@ -43,6 +49,17 @@ def build_context(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         key_valid, key_positions = attention_mask, positions
     attn_mask, is_causal = causal_mask(T, offset, key_valid, device)
     return ForwardContext(positions, key_positions, attention_mask, attn_mask, is_causal, offset, cache)
+
+
+def _slice_context(B: int, T: int, attention_mask, seq, device) -> ForwardContext:
+    """This rank's slice of T tokens at global positions offset .. offset + T - 1; its queries see the gathered keys
+    0 .. offset + T - 1 causally."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask (padding) is not supported under sequence parallelism (parallel.sp > 1)")
+    offset = seq.begin(T, device)
+    key_positions = torch.arange(offset + T, device=device).expand(B, -1)  # (B, S)
+    attn_mask, is_causal = causal_mask(T, offset, None, device)
+    return ForwardContext(key_positions[:, offset:], key_positions, None, attn_mask, is_causal, 0, None, seq=seq)
 
 
 def causal_mask(T: int, offset: int, key_valid: torch.Tensor | None, device) -> tuple[torch.Tensor | None, bool]:

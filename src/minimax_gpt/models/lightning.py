@@ -57,11 +57,13 @@ class LightningAttention(nn.Module):
         heads = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D), a view
         state = ctx.cache.states[self.layer_idx] if ctx.cache is not None else None
         use_triton = lightning_backend(self.backend, x.device.type, self.chunk_size) == "triton"
+        q, k, v = heads.split(D, dim=-1)  # 3 x (B, H, T, D), views
+        if self.use_rope:
+            cos, sin = ctx.rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.seq is not None:  # sequence parallelism: the state entering this rank's slice (parallel/sequence.py)
+            state = ctx.seq.lightning_state(k, v, self.slopes)
         if self.use_rope or (state is not None and T == 1) or use_triton:
-            q, k, v = heads.split(D, dim=-1)  # 3 x (B, H, T, D), views
-            if self.use_rope:
-                cos, sin = ctx.rope
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             o, state = self._attend(q, k, v, state, use_triton)
         else:  # no rotation: the packed op reads q, k, v in place and writes dqkv in the projection's layout
             o, state = lightning_attn_chunked_packed(heads, self.slopes, initial_state=state,

@@ -73,6 +73,9 @@ class EnhancedMiniMaxGPT(nn.Module):
         # Checkpoint each block's activations in training (config.use_checkpoint). A trainer that applies activation
         # checkpointing from outside (minimax_gpt.parallel.parallelize) turns this off, so it is applied once.
         self.gradient_checkpointing = config.use_checkpoint
+        # Sequence parallelism: a handle installed from outside (parallel.sequence.SequenceParallel) through which
+        # the layers of a forward without a cache exchange states and keys with the ranks holding other slices.
+        self.sequence_parallel = None
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -135,7 +138,7 @@ class EnhancedMiniMaxGPT(nn.Module):
                 raise ValueError(f"{name} must be an int >= 0 (0 = off), got {value!r}")
         input_ids, targets, attention_mask = self._check_inputs(input_ids, targets, attention_mask, cache)
         B, T = input_ids.shape
-        ctx = build_context(input_ids, attention_mask, cache)
+        ctx = build_context(input_ids, attention_mask, cache, self.sequence_parallel if cache is None else None)
         if self.rotary is not None:
             ctx.rope = self.rotary(ctx.positions)
         x = self.wte(input_ids)  # (B, T, C)

@@ -61,7 +61,8 @@ from minimax_gpt.training.run_config import PARALLEL_MODES  # ("none", "ddp", "f
 class DistContext:
     """Where this process stands: its rank among world_size, the device it trains on, the engine ("none", "ddp",
     "fsdp" or "hsdp"), and the device mesh whose named dimensions are the parallel degrees (None for one process).
-    Every rank is a data-parallel rank: dp_replicate x dp_shard = world_size."""
+    dp_replicate x dp_shard x sp = world_size; ranks are numbered with sp innermost, so the sp ranks of one group
+    are consecutive and read the same rows of every batch (each its own slice of the sequence)."""
 
     parallel: str = "none"
     rank: int = 0
@@ -70,6 +71,7 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     dp_replicate: int = 1
     dp_shard: int = 1
+    sp: int = 1
     mesh: Any = None
 
     @property
@@ -85,6 +87,20 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: groups that read different rows."""
+        return self.world_size // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's slice of every sequence, 0 .. sp - 1."""
+        return self.rank % self.sp
 
 
 def _env_int(name: str, default: int) -> int:
@@ -111,7 +127,8 @@ def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: i
     if parallel != "none":
         return parallel, resolved
     r, s = resolved["dp_replicate"], resolved["dp_shard"]
-    return ("hsdp" if r > 1 and s > 1 else "fsdp" if s > 1 else "ddp" if r > 1 else "none"), resolved
+    # parameters are replicated over any other dimension (sequence parallelism): DDP averages their gradients
+    return ("hsdp" if r > 1 and s > 1 else "fsdp" if s > 1 else "ddp" if world_size > 1 else "none"), resolved
 
 
 def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | None = None) -> DistContext:
@@ -148,7 +165,8 @@ def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | No
     if rank != 0:
         logging.getLogger("minimax_gpt").setLevel(logging.WARNING)
     return DistContext(parallel=mode, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                       dp_replicate=resolved["dp_replicate"], dp_shard=resolved["dp_shard"], mesh=mesh)
+                       dp_replicate=resolved["dp_replicate"], dp_shard=resolved["dp_shard"],
+                       sp=resolved.get("sp", 1), mesh=mesh)
 
 
 def _rank_device(mode: str, device_name: str, local_rank: int) -> torch.device:
@@ -234,8 +252,9 @@ class RankBatches:
     """`get_batch` of a TokenDataset, returning this rank's rows of the global batch.
 
     All ranks draw the same batch_size window starts from their (identically seeded) generators, exactly as
-    `TokenDataset.get_batch` does, and rank r reads rows [r * b, (r + 1) * b) with b = batch_size / world_size: disjoint
-    rows, and the union over ranks is the batch one process would read."""
+    `TokenDataset.get_batch` does, and data-parallel rank d reads rows [d * b, (d + 1) * b) with b = batch_size /
+    dp_size: disjoint rows, and the union over ranks is the batch one process would read. Under sequence parallelism
+    the sp ranks of a group read the same rows and each keeps its slice of seq_len / sp columns."""
 
     def __init__(self, dataset, ctx: DistContext):
         self.dataset, self.ctx = dataset, ctx
@@ -244,9 +263,8 @@ class RankBatches:
         return len(self.dataset)
 
     def get_batch(self, batch_size: int, seq_len: int, generator: torch.Generator):
-        W, r = self.ctx.world_size, self.ctx.rank
-        if batch_size % W:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the {W} data-parallel ranks")
+        W, r = self.ctx.dp_size, self.ctx.dp_rank
+        check_split(batch_size, seq_len, self.ctx)
         tokens = self.dataset.tokens
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
@@ -254,7 +272,25 @@ class RankBatches:
         b = batch_size // W
         index = starts[r * b:(r + 1) * b, None] + np.arange(seq_len + 1)  # (b, T+1)
         xy = torch.from_numpy(tokens[index].astype(np.int64))  # (b, T+1)
-        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # x, y: (b, T)
+        return sequence_slice(xy[:, :-1], self.ctx), sequence_slice(xy[:, 1:], self.ctx)  # x, y: (b, T / sp)
+
+
+def check_split(batch_size: int, seq_len: int, ctx: DistContext, where: str = "") -> None:
+    """ValueError naming the numbers when a batch's rows do not split over the data-parallel ranks or its sequences
+    over the sequence-parallel ranks."""
+    if batch_size % ctx.dp_size:
+        raise ValueError(f"{where}batch_size = {batch_size} is the global micro-batch and must be divisible by the "
+                         f"number of data-parallel ranks ({ctx.dp_size})")
+    if seq_len % ctx.sp:
+        raise ValueError(f"{where}seq_len = {seq_len} must be divisible by parallel.sp = {ctx.sp} (each "
+                         "sequence-parallel rank takes an equal slice)")
+
+
+def sequence_slice(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's contiguous slice of the columns (B, T) -> (B, T / sp)."""
+    if ctx.sp == 1:
+        return x.contiguous()
+    return x.tensor_split(ctx.sp, dim=1)[ctx.sp_rank].contiguous()
 
 
 def shard_training_data(dataset, phases, ctx: DistContext):
@@ -262,16 +298,15 @@ def shard_training_data(dataset, phases, ctx: DistContext):
     if ctx.world_size == 1:
         return dataset
     for i, phase in enumerate(phases):
-        if phase.batch_size % ctx.world_size:
-            raise ValueError(f"phases.{i}.batch_size = {phase.batch_size} is the global micro-batch and must be "
-                             f"divisible by the number of ranks ({ctx.world_size})")
+        check_split(phase.batch_size, phase.seq_len, ctx, f"phases.{i}.")
     return RankBatches(dataset, ctx)
 
 
 @torch.no_grad()
 def evaluate_sharded(model: nn.Module, batches, ctx: DistContext, precision: str = "fp32",
                      loss_chunk_size: int = 0) -> tuple[float, int]:
-    """`train.evaluate` with every batch's rows split over the ranks and the sums all-reduced: the same
+    """`train.evaluate` with every batch's rows split over the data-parallel ranks (and its sequences over the
+    sequence-parallel ranks) and the sums all-reduced: the same
     (mean cross-entropy per token, tokens) as one process evaluating all of them. Every rank runs the same number of
     forwards (FSDP needs it): a rank whose share of a short last batch is empty runs one row with weight 0."""
     from minimax_gpt.training.devices import autocast_context
@@ -281,11 +316,12 @@ def evaluate_sharded(model: nn.Module, batches, ctx: DistContext, precision: str
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     count = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for x, y in batches:
-        rows = torch.tensor_split(torch.arange(x.shape[0]), ctx.world_size)[ctx.rank]
+        check_split(ctx.dp_size, x.shape[1], ctx, "evaluation ")  # any number of rows; the sequence must split
+        rows = torch.tensor_split(torch.arange(x.shape[0]), ctx.dp_size)[ctx.dp_rank]
         weight = 1.0
         if rows.numel() == 0:
             rows, weight = torch.arange(1), 0.0
-        xr, yr = x[rows].to(ctx.device), y[rows].to(ctx.device)
+        xr, yr = (sequence_slice(t[rows], ctx).to(ctx.device) for t in (x, y))
         with autocast_context(ctx.device, precision):
             out = model(xr, targets=yr, loss_chunk_size=loss_chunk_size)
         total += float(out.ce_loss) * yr.numel() * weight
@@ -324,6 +360,7 @@ def parallelize(model: nn.Module, ctx: DistContext, compile: bool = False) -> nn
     from minimax_gpt.training.devices import compile_for_training
 
     apply_activation_checkpointing(model)
+    apply_sequence_parallel(model, ctx)
     wrapped = _data_parallel(model, ctx)
     return compile_for_training(wrapped, model.config) if compile else wrapped
 
@@ -342,13 +379,38 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing = False
 
 
+def apply_sequence_parallel(model: nn.Module, ctx: DistContext) -> None:
+    """Split every sequence over the `sp` mesh dimension (minimax_gpt.parallel.sequence): the model's layers call the
+    installed handle for the exchanges; forwards without a cache use it. A no-op for sp = 1."""
+    if ctx.sp == 1:
+        return
+    unsupported = sorted({t for t in model.config.layer_types if t not in ("lightning", "softmax")})
+    if unsupported:
+        raise ValueError(f"parallel.sp = {ctx.sp}: sequence parallelism splits lightning and softmax layers; this "
+                         f"model also has {unsupported} layers")
+    from minimax_gpt.parallel.sequence import SequenceParallel
+
+    model.sequence_parallel = SequenceParallel(ctx.mesh["sp"].get_group())
+
+
+def _shard_mesh(ctx: DistContext):
+    """The mesh FSDP2 shards over: dp_shard, flattened with sp when sequence parallelism is on (the sp ranks hold
+    the same parameters, so they shard them too, as torchtitan does with its context-parallel dimension); HSDP adds
+    dp_replicate as the outer, replicated dimension."""
+    shard = "dp_shard"
+    if ctx.sp > 1:
+        shard = "dp_shard_sp"
+        ctx.mesh["dp_shard", "sp"]._flatten(shard)
+    return ctx.mesh[("dp_replicate", shard)] if ctx.parallel == "hsdp" else ctx.mesh[shard]
+
+
 def _data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.enabled:
         return model
     if ctx.sharded:  # FSDP2 over dp_shard; HSDP (replicated over dp_replicate, sharded within) on the 2-D mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = ctx.mesh[("dp_replicate", "dp_shard")] if ctx.parallel == "hsdp" else ctx.mesh["dp_shard"]
+        mesh = _shard_mesh(ctx)
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -160,10 +160,13 @@ class ParallelConfig:
 
     dp_replicate: data-parallel replicas, each holding the whole model (DDP; with dp_shard > 1, HSDP's replicas).
     dp_shard: ranks that shard parameters, gradients and optimizer state among them (FSDP2).
-    `train.parallel = "ddp"` is shorthand for dp_replicate = -1, "fsdp" for dp_shard = -1."""
+    sp: ranks that split every sequence into contiguous slices (sequence parallelism, minimax_gpt.parallel.sequence);
+        the innermost dimension. Parameters are replicated (DDP) or sharded with dp_shard (FSDP2) over it.
+    `train.parallel = "ddp"` is shorthand for dp_replicate = -1, "fsdp" for dp_shard = -1; either composes with sp."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
+    sp: int = 1
 
     def __post_init__(self) -> None:
         _check_types(self, "parallel")
@@ -191,7 +194,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.phases:
             raise ValueError("a run needs at least one [[phases]] entry")
-        if self.train.parallel != "none" and self.parallel != ParallelConfig():
+        if self.train.parallel != "none" and (self.parallel.dp_replicate, self.parallel.dp_shard) != (1, 1):
             raise ValueError(f"train.parallel = {self.train.parallel!r} and [parallel] degrees are both set; use the "
                              f"degrees (parallel.dp_replicate, parallel.dp_shard) or the shorthand, not both")
         self.model_config(vocab_size=self.model.get("vocab_size") or 256)  # validate the model fields now

@@ -1,0 +1,83 @@
+"""Training with sequence parallelism (gloo, 2 and 4 processes) equals training in one process: a 7:1 hybrid MoE
+with GQA and RoPE, and a variant with XPos and learned positions, trained with sp = 2, sp = 4 and sp = 2 x
+dp_shard = 2 reach the single-process losses (1e-5) and weights; a checkpoint saved with sp = 2 resumes with sp = 4
+and in one process."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minimax_gpt.interop.pretrained import SafetensorsReader
+from test_distributed import _free_port, _losses, _run, _worker
+from train_helpers import write_config
+
+TOL = 1e-5
+HYBRID = ["--model.n_layer", "8", "--model.hybrid_period", "8", "--model.n_head", "4", "--model.n_kv_head", "2"]
+XPOS = [*HYBRID, "--model.adaptive_xpos", "true", "--model.pos_embedding", "learned"]
+STEP3 = "checkpoints/step-000003"
+
+
+def _spawn(jobs: list, world: int) -> None:
+    mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=True, start_method="spawn")
+
+
+def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    latest = sorted((out_dir / "checkpoints").glob("step-*"))[-1]
+    with SafetensorsReader(latest) as reader:
+        return {name: reader.get(name) for name in reader.keys()}
+
+
+def _assert_same_run(got: Path, want: Path, resumed: bool = False) -> None:
+    """Same losses at every logged step (after the checkpoint, for a resumed run) and the same final weights."""
+    a, b = _losses(got), _losses(want)
+    if resumed:
+        b = {k: v for k, v in b.items() if k[1] > 3}
+    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
+    diffs = {k: abs(a[k] - b[k]) for k in b}
+    assert max(diffs.values()) < TOL, diffs
+    wa, wb = _weights(got), _weights(want)
+    assert wa.keys() == wb.keys()
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=TOL, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sp")
+    config = write_config(tmp, tmp / "unused")
+    out = {name: tmp / name for name in ("ref", "ref_xpos", "sp2", "sp2_xpos", "sp4", "sp4_xpos", "sp2_dp2",
+                                          "sp4_from_sp2", "one_from_sp2")}
+    _run(config, out["ref"], *HYBRID)
+    _run(config, out["ref_xpos"], *XPOS)
+    _spawn([(config, out["sp2"], [*HYBRID, "--parallel.sp", "2"], False),
+            (config, out["sp2_xpos"], [*XPOS, "--parallel.sp", "2"], False)], world=2)
+    _spawn([(config, out["sp4"], [*HYBRID, "--parallel.sp", "4"], False),
+            (config, out["sp4_xpos"], [*XPOS, "--parallel.sp", "4"], False),
+            (config, out["sp2_dp2"], [*HYBRID, "--parallel.sp", "2", "--parallel.dp_shard", "2"], False),
+            (config, out["sp4_from_sp2"], [*HYBRID, "--parallel.sp", "4"], str(out["sp2"] / STEP3))], world=4)
+    _run(config, out["one_from_sp2"], *HYBRID, resume=out["sp2"] / STEP3)
+    return out
+
+
+@pytest.mark.parametrize("name, ref", [("sp2", "ref"), ("sp4", "ref"), ("sp2_dp2", "ref"),
+                                       ("sp2_xpos", "ref_xpos"), ("sp4_xpos", "ref_xpos")])
+def test_sequence_parallel_training_equals_one_process(runs, name, ref):
+    _assert_same_run(runs[name], runs[ref])
+
+
+@pytest.mark.parametrize("name", ["sp4_from_sp2", "one_from_sp2"])
+def test_a_sequence_parallel_checkpoint_resumes_with_another_degree(runs, name):
+    _assert_same_run(runs[name], runs["ref"], resumed=True)
+
+
+def test_the_trainer_state_records_the_layout(runs):
+    from minimax_gpt.training.checkpoint import load_trainer_state
+
+    state = load_trainer_state(runs["sp2_dp2"])
+    assert (state["parallel"], state["world_size"]) == ("fsdp", 4)
+    summary = json.loads((runs["sp4"] / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(json.loads((runs["ref"] / "summary.json").read_text())["val_loss"],
+                                                abs=TOL)
