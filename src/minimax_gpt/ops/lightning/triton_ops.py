@@ -96,9 +96,13 @@ def _forward(q, k, v, slopes, initial_state, chunk_size):
         return v.new_empty(v.shape), q.new_zeros((B, H, D, Dv), dtype=acc) if s0 is None else s0.clone()
     out, s_final = _new_out(v), q.new_empty((B, H, D, Dv), dtype=acc)
     BD, BV, NV = _tiles(D, Dv)
-    _kernel(kernels.lightning_fwd_kernel, q.device)[(NV, B * H)](
-        q, k, v, lam, s_final if s0 is None else s0, out, s_final, *_strides(q, k, v, out), T,
-        H=H, D=D, DV=Dv, BC=chunk_size, BD=BD, BV=BV, HAS_S0=s0 is not None, PRECISION=_precision(q.dtype))
+    N = triton.cdiv(T, chunk_size)
+    h = q.new_empty((B * H, N, D, Dv), dtype=acc)  # the state entering each chunk
+    tiles = dict(H=H, D=D, DV=Dv, BC=chunk_size, BD=BD, BV=BV, PRECISION=_precision(q.dtype))
+    _kernel(kernels.lightning_states_kernel, q.device)[(NV, B * H)](
+        k, v, lam, s_final if s0 is None else s0, h, s_final, *_strides(k, v), T, HAS_S0=s0 is not None, **tiles)
+    _kernel(kernels.lightning_out_kernel, q.device)[(N, NV, B * H)](
+        q, k, v, lam, h, out, *_strides(q, k, v, out), T, **tiles)
     return out.to(q.dtype), s_final
 
 
@@ -116,16 +120,19 @@ def _backward(q, k, v, slopes, initial_state, d_out, d_state, chunk_size):
         d_init = q.new_zeros((B, H, D, Dv), dtype=acc) if ds is None else ds.clone()
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_init
     BD, BV, NV = _tiles(D, Dv)
-    dq_part = q.new_empty((NV, B, H, T, D), dtype=acc)  # partial sums over the value blocks
-    dk_part = q.new_empty((NV, B, H, T, D), dtype=acc)
-    dv, d_init = v.new_empty((B, H, T, Dv), dtype=acc), q.new_empty((B, H, D, Dv), dtype=acc)
-    grid, precision = (NV, B * H), _precision(q.dtype)
-    _kernel(kernels.lightning_bwd_dq_kernel, q.device)[grid](
-        k, v, d_out, lam, d_init if s0 is None else s0, dq_part, *_strides(k, v, d_out), T,
-        B=B, H=H, D=D, DV=Dv, BC=chunk_size, BD=BD, BV=BV, HAS_S0=s0 is not None, PRECISION=precision)
-    _kernel(kernels.lightning_bwd_dkv_kernel, q.device)[grid](
-        q, k, v, d_out, lam, d_init if ds is None else ds, dk_part, dv, d_init, *_strides(q, k, v, d_out), T,
-        B=B, H=H, D=D, DV=Dv, BC=chunk_size, BD=BD, BV=BV, HAS_DS=ds is not None, PRECISION=precision)
+    N = triton.cdiv(T, chunk_size)
+    h, dh = (q.new_empty((B * H, N, D, Dv), dtype=acc) for _ in range(2))  # S entering / G leaving each chunk
+    dq_part, dk_part = (q.new_empty((NV, B, H, T, D), dtype=acc) for _ in range(2))  # sums over the value blocks
+    dv = v.new_empty((B, H, T, Dv), dtype=acc)
+    d_init, s_final = (q.new_empty((B, H, D, Dv), dtype=acc) for _ in range(2))
+    tiles = dict(H=H, D=D, DV=Dv, BC=chunk_size, BD=BD, BV=BV, PRECISION=_precision(q.dtype))
+    _kernel(kernels.lightning_states_kernel, q.device)[(NV, B * H)](  # the forward's states again (s_final unused)
+        k, v, lam, s_final if s0 is None else s0, h, s_final, *_strides(k, v), T, HAS_S0=s0 is not None, **tiles)
+    _kernel(kernels.lightning_dstates_kernel, q.device)[(NV, B * H)](
+        q, d_out, lam, d_init if ds is None else ds, dh, d_init, *_strides(q, d_out), T, HAS_DS=ds is not None,
+        **tiles)
+    _kernel(kernels.lightning_bwd_kernel, q.device)[(N, NV, B * H)](
+        q, k, v, d_out, lam, h, dh, dq_part, dk_part, dv, *_strides(q, k, v, d_out), T, B=B, **tiles)
     return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv.to(v.dtype), d_init
 
 
