@@ -151,3 +151,12 @@ def test_triton_ops_refuse_what_they_cannot_do(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with torch.no_grad(), pytest.raises(RuntimeError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
         lightning_attn_triton(q, k, v, slopes, s0)
+
+
+def test_triton_empty_sequence_returns_the_initial_state():
+    q, k, v, s0, slopes = make_inputs(2, 2, 0, 16, 16, F32, True)
+    out, state, dq, dk, dv, ds0 = run_with_grads(lightning_attn_triton, q, k, v, s0, slopes, chunk_size=16)
+    assert out.shape == (2, 2, 0, 16) and dq.shape == q.shape and dv.shape == v.shape
+    torch.testing.assert_close(state, s0, rtol=0, atol=0)
+    expected = run_with_grads(lightning_attn_naive, q, k, v, s0, slopes)
+    torch.testing.assert_close(ds0, expected[5], rtol=0, atol=0)  # the final state's weights, passed straight back
