@@ -1,7 +1,7 @@
 """`MiniMaxConfig`: the one typed description of a model. Everything else derives from it.
 
-Per-layer differences are data: `layer_types` lists each layer's token mixer ("lightning" or "softmax"), and
-`__post_init__` derives what was left unset and validates every field, raising `ValueError` that names the field.
+Per-layer differences are data: `layer_types` lists each layer's token mixer ("lightning", "softmax" or "sparse"),
+and `__post_init__` derives what was left unset and validates every field, raising `ValueError` that names the field.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from minimax_gpt.atomic import atomic_file
 
-LAYER_TYPES = ("lightning", "softmax")
+LAYER_TYPES = ("lightning", "softmax", "sparse")
 POS_EMBEDDINGS = ("learned", "none")
 LIGHTNING_BACKENDS = ("auto", "torch", "triton")
 
@@ -53,6 +53,10 @@ class MiniMaxConfig:
     adaptive_xpos: bool = False  # XPos decay on top of RoPE, with a scale base adapted to depth and length
     xpos_scale_base: float = 512.0
     xpos_adapt: bool = True  # with adaptive_xpos: adapt the scale base to depth and to length beyond block_size
+
+    # --- block-sparse attention ("sparse" layers: MoBA, arXiv 2502.13189; see minimax_gpt.ops.block_sparse) ------
+    sparse_block_size: int = 512  # keys in blocks of this many positions
+    sparse_top_k: int = 4  # each query attends its own block causally plus this many earlier blocks (by mean key)
 
     # --- normalisation and residuals ---------------------------------------------------------------------------
     norm_eps: float = 1e-5
@@ -139,8 +143,12 @@ class MiniMaxConfig:
 
     def _validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
-                     "intermediate_size", "hybrid_period", "lightning_chunk_size", "num_experts", "moe_top_k"):
+                     "intermediate_size", "hybrid_period", "lightning_chunk_size", "num_experts", "moe_top_k",
+                     "sparse_block_size", "sparse_top_k"):
             _positive(self, name)
+        if self.adaptive_xpos and "sparse" in self.layer_types:
+            raise ValueError("adaptive_xpos is not supported with 'sparse' layers (their block gate and fast path "
+                             "take plain RoPE keys); set adaptive_xpos=False or use 'softmax' layers")
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if len(self.layer_types) != self.n_layer:

@@ -329,3 +329,12 @@ def test_convert_cli_round_trip(tmp_path):
     back = EnhancedMiniMaxGPT.from_pretrained(tmp_path / "back").eval()
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_sparse_layers_are_refused_by_name():
+    cfg = MiniMaxConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=50, layer_types=["lightning", "sparse"],
+                        use_post_layernorm=True, sparse_block_size=8)
+    with pytest.raises(ValueError, match=r"'sparse' layers \[1\]: transformers' MiniMax has no block-sparse"):
+        config_to_hf(cfg)
+    with pytest.raises(ValueError, match="block-sparse"):
+        to_hf(EnhancedMiniMaxGPT(cfg))

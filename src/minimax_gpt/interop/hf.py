@@ -115,6 +115,10 @@ def _transformers():
 def export_problems(config: MiniMaxConfig) -> list[str]:
     """Every setting of `config` that transformers' MiniMax cannot express (empty: exportable)."""
     problems = []
+    if "sparse" in config.layer_types:
+        layers = [i for i, t in enumerate(config.layer_types) if t == "sparse"]
+        problems.append(f"layer_types has 'sparse' layers {layers}: transformers' MiniMax has no block-sparse (MoBA) "
+                        "attention layer, only linear and full attention")
     if not config.use_post_layernorm:
         problems.append("use_post_layernorm=False: transformers' MiniMax is post-norm only")
     if config.adaptive_xpos:

@@ -94,12 +94,15 @@ class SoftmaxAttention(nn.Module):
             k, v = ctx.seq.gather_kv(k, v)  # (B, Hkv, S, D)
         elif ctx.cache is not None:
             k, v = ctx.cache.update_kv(self.layer_idx, ctx.offset, k, v)  # (B, Hkv, S, D)
-        if self.xpos is not None:
-            y = self._attend_xpos(q, k, v, ctx)
-        else:
-            y = self._attend(q, k, v, ctx.attn_mask, ctx.is_causal)
+        y = self._mix(q, k, v, ctx)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def _mix(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """Attention of q (B, H, T, D) over all keys so far k, v (B, Hkv, S, D); the sparse layer overrides it."""
+        if self.xpos is not None:
+            return self._attend_xpos(q, k, v, ctx)
+        return self._attend(q, k, v, ctx.attn_mask, ctx.is_causal)
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale=None):
         dropout_p = self.dropout if self.training else 0.0

@@ -18,8 +18,10 @@ from minimax_gpt.models.lightning import LightningAttention
 from minimax_gpt.models.mlp import SwiGLU
 from minimax_gpt.models.moe import MoEFeedForward
 from minimax_gpt.models.norm import RMSNorm
+from minimax_gpt.models.sparse_attention import SparseAttention
 
-MIXERS = {"softmax": SoftmaxAttention, "lightning": LightningAttention}
+# "sparse" layers use the softmax layers' residual factors (full_attn_*)
+MIXERS = {"softmax": SoftmaxAttention, "lightning": LightningAttention, "sparse": SparseAttention}
 
 
 def make_ffn(config: MiniMaxConfig, layer_idx: int) -> nn.Module:

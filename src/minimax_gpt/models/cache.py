@@ -1,10 +1,12 @@
 """The decoding cache, passed explicitly to `forward` and never stored on the model.
 
 Softmax layers keep keys and values in preallocated buffers (no `torch.cat` per step); lightning layers keep one
-recurrent state of shape (B, H, D, D) that does not grow with the context. The cache also keeps, per row, which key
-slots hold real tokens (left padding) and their positions, so every layer sees the same masks.
+recurrent state of shape (B, H, D, D) that does not grow with the context; sparse layers keep keys and values like
+softmax layers plus the sum of the keys of each position block (B, Hkv, N, D), updated as keys arrive. The cache
+also keeps, per row, which key slots hold real tokens (left padding) and their positions, so every layer sees the
+same masks.
 
-Shapes: B batch, Hkv key/value heads, S capacity (slots), D head dim.
+Shapes: B batch, Hkv key/value heads, S capacity (slots), D head dim, N position blocks of sparse layers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from minimax_gpt.config import MiniMaxConfig
+from minimax_gpt.ops.block_sparse import add_block_sums
 
 
 class ModelCache:
@@ -39,9 +42,13 @@ class ModelCache:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         for t in config.layer_types:
-            softmax = t == "softmax"
+            softmax = t in ("softmax", "sparse")
             self.keys.append(torch.zeros(kv_shape, dtype=dtype, device=device) if softmax else None)
             self.values.append(torch.zeros(kv_shape, dtype=dtype, device=device) if softmax else None)
+        # sparse layers: per-block key sums by position (positions < capacity, so ceil(S / block) blocks)
+        sums_shape = (batch_size, config.n_kv_head, self._n_blocks(capacity), config.head_dim)
+        self.block_sums: list[torch.Tensor | None] = [
+            torch.zeros(sums_shape, dtype=dtype, device=device) if t == "sparse" else None for t in config.layer_types]
         self.states: list[torch.Tensor | None] = [None] * config.n_layer  # (B, H, D, D) float32, lightning layers
         self.max_rollback = max_rollback
         self._snapshots: list[tuple[int, list[torch.Tensor | None]]] = [(0, list(self.states))]
@@ -87,6 +94,10 @@ class ModelCache:
         self._snapshots = [(n, s) for n, s in self._snapshots if n <= length]
         self.length = length
         self.next_position = self.key_valid[:, :length].sum(dim=1)  # real tokens so far = next position
+        for i, sums in enumerate(self.block_sums):  # sums again over the kept keys (a subtraction would not be exact)
+            if sums is not None:
+                add_block_sums(sums.zero_(), self.keys[i][:, :, :length], self.key_positions[:, :length],
+                               self.key_valid[:, :length], self.config.sparse_block_size)
 
     def reorder(self, indices: torch.Tensor) -> None:
         """Select / repeat batch rows (beam search): row i becomes old row indices[i], for both cache kinds."""
@@ -102,13 +113,15 @@ class ModelCache:
         self.key_valid, self.key_positions = pick(self.key_valid), pick(self.key_positions)
         self.next_position = pick(self.next_position)
         self.keys, self.values = [pick(k) for k in self.keys], [pick(v) for v in self.values]
+        self.block_sums = [pick(s) for s in self.block_sums]
         self.states = [pick(s) for s in self.states]
         self._snapshots = [(n, [pick(s) for s in states]) for n, states in self._snapshots]
         self.batch_size = indices.numel()
 
     def nbytes(self) -> int:
         """Memory held by the cache's tensors."""
-        tensors = [self.key_valid, self.key_positions, self.next_position, *self.keys, *self.values, *self.states]
+        tensors = [self.key_valid, self.key_positions, self.next_position, *self.keys, *self.values, *self.states,
+                   *self.block_sums]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _reserve(self, needed: int) -> None:
@@ -129,16 +142,32 @@ class ModelCache:
         self.key_positions = grow(self.key_positions, 1, 0)
         self.keys = [grow(k, 2, 0) for k in self.keys]
         self.values = [grow(v, 2, 0) for v in self.values]
+        n_blocks = self._n_blocks(new_cap)
+        self.block_sums = [None if s is None else torch.cat((s, s.new_zeros(*s.shape[:2], n_blocks - s.shape[2],
+                                                                            s.shape[3])), dim=2)
+                           for s in self.block_sums]
         self.capacity = new_cap
+
+    def _n_blocks(self, capacity: int) -> int:
+        return -(-capacity // self.config.sparse_block_size)
 
     # --- per-layer access --------------------------------------------------------------------------------------
     def update_kv(self, layer_idx: int, offset: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, Hkv, T, D) at [offset, offset+T) and return views of all keys/values so far."""
+        """Write k, v (B, Hkv, T, D) at [offset, offset+T) (a sparse layer also adds k to its block sums) and return
+        views of all keys/values so far."""
         end = offset + k.shape[2]
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
         kb[:, :, offset:end] = k
         vb[:, :, offset:end] = v
+        if self.block_sums[layer_idx] is not None:
+            add_block_sums(self.block_sums[layer_idx], k, self.key_positions[:, offset:end],
+                           self.key_valid[:, offset:end], self.config.sparse_block_size)
         return kb[:, :, :end], vb[:, :, :end]
+
+    def block_means(self, layer_idx: int) -> torch.Tensor:
+        """(B, Hkv, N, D): the mean key of each position block of a sparse layer (complete blocks are exact; the
+        gate reads only blocks before a query's own, which are complete)."""
+        return self.block_sums[layer_idx] / self.config.sparse_block_size
 
 
 def new_positions(token_mask: torch.Tensor | None, n_new: int, start: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class EnhancedMiniMaxGPT(nn.Module):
         self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         uses_rope = config.rotary_dim > 0 and (
-            "softmax" in config.layer_types or config.lightning_use_rope)
+            "softmax" in config.layer_types or "sparse" in config.layer_types or config.lightning_use_rope)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta) if uses_rope else None
         self.init_weights()
         if config.tie_word_embeddings:
