@@ -37,7 +37,8 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(all parameters, active parameters per token): an MoE layer's experts count top_k / num_experts of their
-    size, everything else fully. Tied weights count once."""
+    size, everything else fully. Tied weights count once. Under top-p routing (moe_top_p) top_k is the cap, so this is
+    the most a token can use; the mean is in the metrics log (moe_experts_per_token)."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0.0
     for m in model.modules():
