@@ -54,13 +54,14 @@ def test_triton_model_matches_the_pytorch_model(name, caplog):
 
 
 def test_triton_model_decodes_as_its_full_forward():
-    """Prefill 9 tokens, then one token at a time (the Triton recurrent kernel): the logits of one full forward."""
+    """Prefill 20 tokens (a chunk of 16 and a partial one), then one token at a time (the Triton recurrent kernel):
+    the logits of one full forward."""
     _, model = pair("hybrid")
     model.eval()
-    ids = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache(2)
-        steps = [model(ids[:, :9], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 21)]
+        steps = [model(ids[:, :20], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(20, 24)]
     assert max_rel_err(torch.cat(steps, 1), full) < 1e-5
