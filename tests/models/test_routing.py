@@ -54,6 +54,24 @@ def test_adaptive_routing_matches_reference_fp64(kw, bias, masked, impl):
             assert 1 < float(s.experts_per_token) < kw["moe_top_k"]  # a varying count, below the cap
 
 
+@pytest.mark.parametrize("kw, bias", CASES[1::3])
+def test_grouped_mm_with_adaptive_routing_matches_reference_fp32(kw, bias):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is not in this torch")
+    m, cfg = make(dtype=torch.float32, **kw)
+    if bias is not None:
+        set_bias(m, bias)
+    x = skewed_input(m, 3, 11, 16)
+    mask = pad_mask(3, 11, [11, 7, 2])
+    y, s, _, g = run_with_grads(vectorised("grouped_mm"), m, x, mask, cfg)
+    yr, sr, _, gr = run_with_grads(reference, m, x, mask, cfg)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert float(s.dropped_fraction) == float(sr.dropped_fraction) > 0
+    assert torch.equal(s.expert_counts, sr.expert_counts.to(s.expert_counts.dtype))
+
+
 def test_bias_changes_selection_but_not_combine_weights():
     m, _ = make(moe_bias_update_rate=0.01)
     m.eval()
