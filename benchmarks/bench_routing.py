@@ -129,6 +129,19 @@ def summarise(results: list[dict]) -> dict:
     return table
 
 
+def markdown_table(summary: dict) -> str:
+    """The docs/routing.md table: mean +- standard deviation over the seeds."""
+    cols = [("val_loss", "val loss", 4), ("val_imbalance", "load imbalance (val)", 3),
+            ("val_experts_per_token", "experts / token (val)", 3),
+            ("train_imbalance_last_quarter", "imbalance (train, last 25%)", 3),
+            ("train_experts_per_token_mean", "experts / token (train mean)", 3)]
+    lines = ["| variant | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for variant, row in summary.items():
+        cells = [f"{row[k]['mean']:.{d}f} ± {row[k]['stdev']:.{d}f}" if k in row else "-" for k, _, d in cols]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=2000, help="training steps of every run (the config: 2000)")
@@ -139,7 +152,11 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--work", default="/tmp/bench_routing", help="run folders and per-run results")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "routing.json"))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())["summary"]))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     jobs = [(v, s, args.iters, args.top_p, work, Path(args.data)) for s in args.seeds for v in args.variants]
@@ -153,8 +170,7 @@ def main() -> None:
         "variant_overrides": {v: variant_overrides(v, args.top_p) for v in args.variants},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "jobs": args.jobs},
         "wall_s": time.perf_counter() - t0, "summary": summarise(results), "runs": results}, indent=1) + "\n")
-    for variant, row in summarise(results).items():
-        print(variant, {k: round(v["mean"], 4) for k, v in row.items() if isinstance(v, dict)})
+    print(markdown_table(summarise(results)))
     print("wrote", out)
 
 
