@@ -72,7 +72,7 @@ class MiniMaxConfig:
     # --- mixture of experts ------------------------------------------------------------------------------------
     use_moe: bool = False
     num_experts: int = 4
-    moe_top_k: int = 2
+    moe_top_k: int = 2  # experts per token; under moe_top_p the most per token (the cap)
     moe_capacity_factor: float | None = None  # None: dropless; else cap = ceil(cf * tokens * k / E), training only
     # Top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts", arXiv 2403.07652): each token takes experts
     # in descending probability until their mass reaches p, at most moe_top_k of them. None: plain top-k.
