@@ -82,3 +82,16 @@ def test_incremental_decoding_still_equals_a_full_forward_with_checkpointing_app
 ])
 def test_any_further_degree_is_one_more_mesh_dimension(degrees, world, want):
     assert resolve_degrees("none", degrees, world) == want
+
+
+def test_sequences_that_do_not_split_over_the_sequence_parallel_ranks_are_refused():
+    from minimax_gpt.parallel.distributed import check_split
+
+    ctx = DistContext(parallel="fsdp", rank=1, world_size=4, dp_shard=2, sp=2)
+    assert (ctx.dp_size, ctx.dp_rank, ctx.sp_rank) == (2, 0, 1)
+    check_split(4, 16, ctx)
+    with pytest.raises(ValueError, match=r"phases\.1\.seq_len = 15 must be divisible by parallel\.sp = 2"):
+        check_split(4, 15, ctx, "phases.1.")
+    with pytest.raises(ValueError, match=r"batch_size = 3 is the global micro-batch and must be divisible by the "
+                                         r"number of data-parallel ranks \(2\)"):
+        check_split(3, 16, ctx)
