@@ -9,12 +9,14 @@ in PyTorch), with S_n the state entering chunk n and G_n the gradient w.r.t. the
     forward   S_{n+1} = cd S_n + k^T (kd * v)                              lightning_states_kernel: a scan over n
               o = P v + qd * (q S_n)                                       lightning_out_kernel: every chunk at once
     backward  G_{n-1} = cd G_n + q^T (qd * do)                             lightning_dstates_kernel: a reverse scan
-              dq = dP k + qd * (do S_n^T),  dk = dP^T q + kd * (v G_n^T),   lightning_bwd_kernel: every chunk at once
-              dv = P^T do + kd * (k G_n)
+              dq = dP k + qd * (do S_n^T)                                  lightning_bwd_dq_kernel: every chunk
+              dk = dP^T q + kd * (v G_n^T),  dv = P^T do + kd * (k G_n)     lightning_bwd_dkv_kernel: every chunk
 
 The scans carry one (D, BV) slice of the state per program in the accumulation dtype ACC (float32, or float64 for
 float64 inputs) and write the state of every chunk to a (B*H, N, D, Dv) buffer; the per-chunk kernels then run one
-program per (chunk, value block, batch*head), so the GPU is filled at any batch size. The backward recomputes the
+program per (chunk, value block, batch*head), so the GPU is filled at any batch size. The backward's per-chunk work is
+two kernels (dq; dk and dv) so that each fits in the shared memory of GPUs before Hopper: one kernel needed 224 KiB
+(sm_90, fp32 tiles, D = 128, chunk 64), against 163 KiB on an A100. The backward recomputes the
 forward's states (nothing but the inputs is saved). dq and dk sum over the value columns, so each program writes its
 partial sum to its own slice of a (NV, B, H, T, D) buffer (summed by the caller); dv and the state gradient are
 complete per program. Every tile is padded to a power of two >= 16 (tl.dot's minimum); padded rows and columns are
@@ -136,11 +138,10 @@ def lightning_dstates_kernel(q, do, slopes, ds_final, dh, ds0, sq_b, sq_h, sq_t,
 
 
 @triton.jit
-def lightning_bwd_kernel(q, k, v, do, slopes, h, dh, dq_part, dk_part, dv,
-                         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t, T,
-                         B: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr,
-                         BD: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk (partial over this value block) and dv of chunk n from S_n and G_n. Grid (N, NV, B*H)."""
+def lightning_bwd_dq_kernel(k, v, do, slopes, h, dq_part, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t, T,
+                            B: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr,
+                            BD: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of chunk n (partial over this value block): dP k + qd * (do S_n^T). Grid (N, NV, B*H)."""
     n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64 offsets
     i_b, i_h = i_bh // H, i_bh % H
     lam = tl.load(slopes + i_h)
@@ -154,14 +155,48 @@ def lightning_bwd_kernel(q, k, v, do, slopes, h, dh, dq_part, dk_part, dv,
     pos = offs_c.to(ACC)
     dist = pos[:, None] - pos[None, :]
     M = tl.where(dist >= 0, tl.exp(-lam * tl.maximum(dist, 0.0)), 0.0)  # (BC, BC)
-    qd = tl.exp(-lam * (pos + 1.0))
-    c = tl.minimum(T - n * BC, BC).to(ACC)
-    kd = tl.where(mask_t, tl.exp(-lam * tl.maximum(c - 1.0 - pos, 0.0)), 0.0)
+    qd = tl.exp(-lam * (pos + 1.0))  # (BC,)
     N = (T + BC - 1) // BC
-    state_offs = (i_bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :]
-    state_mask = mask_d[:, None] & mask_v[None, :]
-    S = tl.load(h + state_offs, mask=state_mask, other=0.0)  # (BD, BV) entering the chunk
-    G = tl.load(dh + state_offs, mask=state_mask, other=0.0)  # (BD, BV) gradient w.r.t. the state leaving it
+    S = tl.load(h + (i_bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :],
+                mask=mask_d[:, None] & mask_v[None, :], other=0.0)  # (BD, BV) entering the chunk
+    kb = tl.load(k + i_b * sk_b + i_h * sk_h + t[:, None] * sk_t + offs_d[None, :], mask=mask_td,
+                 other=0.0).to(ACC)  # (BC, BD)
+    vb = tl.load(v + i_b * sv_b + i_h * sv_h + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv,
+                 other=0.0).to(ACC)  # (BC, BV)
+    dob = tl.load(do + i_b * sdo_b + i_h * sdo_h + t[:, None] * sdo_t + offs_v[None, :], mask=mask_tv,
+                  other=0.0).to(ACC)  # (BC, BV)
+    dP = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * M  # (BC, BC)
+    dqb = tl.dot(dP, kb, input_precision=PRECISION) + qd[:, None] * tl.dot(dob, tl.trans(S),
+                                                                         input_precision=PRECISION)  # (BC, BD)
+    part = (i_v * B * H + i_bh) * T * D  # this program's (T, D) slice of (NV, B, H, T, D)
+    tl.store(dq_part + part + t[:, None] * D + offs_d[None, :], dqb, mask=mask_td)
+
+
+@triton.jit
+def lightning_bwd_dkv_kernel(q, k, v, do, slopes, dh, dk_part, dv,
+                             sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t, T,
+                             B: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BC: tl.constexpr,
+                             BD: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """dk of chunk n (partial over this value block): dP^T q + kd * (v G_n^T), and its dv: P^T do + kd * (k G_n).
+    Grid (N, NV, B*H)."""
+    n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64 offsets
+    i_b, i_h = i_bh // H, i_bh % H
+    lam = tl.load(slopes + i_h)
+    ACC = slopes.dtype.element_ty
+    offs_c, offs_d = tl.arange(0, BC), tl.arange(0, BD)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_d, mask_v = offs_d < D, offs_v < DV
+    t = n * BC + offs_c
+    mask_t = t < T
+    mask_td, mask_tv = mask_t[:, None] & mask_d[None, :], mask_t[:, None] & mask_v[None, :]
+    pos = offs_c.to(ACC)
+    dist = pos[:, None] - pos[None, :]
+    M = tl.where(dist >= 0, tl.exp(-lam * tl.maximum(dist, 0.0)), 0.0)  # (BC, BC)
+    c = tl.minimum(T - n * BC, BC).to(ACC)
+    kd = tl.where(mask_t, tl.exp(-lam * tl.maximum(c - 1.0 - pos, 0.0)), 0.0)  # (BC,)
+    N = (T + BC - 1) // BC
+    G = tl.load(dh + (i_bh * N + n) * D * DV + offs_d[:, None] * DV + offs_v[None, :],
+                mask=mask_d[:, None] & mask_v[None, :], other=0.0)  # (BD, BV) gradient w.r.t. the state leaving
     qb = tl.load(q + i_b * sq_b + i_h * sq_h + t[:, None] * sq_t + offs_d[None, :], mask=mask_td,
                  other=0.0).to(ACC)  # (BC, BD)
     kb = tl.load(k + i_b * sk_b + i_h * sk_h + t[:, None] * sk_t + offs_d[None, :], mask=mask_td,
@@ -170,16 +205,13 @@ def lightning_bwd_kernel(q, k, v, do, slopes, h, dh, dq_part, dk_part, dv,
                  other=0.0).to(ACC)  # (BC, BV)
     dob = tl.load(do + i_b * sdo_b + i_h * sdo_h + t[:, None] * sdo_t + offs_v[None, :], mask=mask_tv,
                   other=0.0).to(ACC)  # (BC, BV)
-    P = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * M  # (BC, BC)
-    dP = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * M  # (BC, BC)
-    dqb = tl.dot(dP, kb, input_precision=PRECISION) + qd[:, None] * tl.dot(dob, tl.trans(S),
-                                                                         input_precision=PRECISION)  # (BC, BD)
-    dkb = tl.dot(tl.trans(dP), qb, input_precision=PRECISION) + kd[:, None] * tl.dot(
+    Pt = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * tl.trans(M)  # (BC, BC) = P^T
+    dPt = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * tl.trans(M)  # (BC, BC) = dP^T
+    dkb = tl.dot(dPt, qb, input_precision=PRECISION) + kd[:, None] * tl.dot(
         vb, tl.trans(G), input_precision=PRECISION)  # (BC, BD)
-    dvb = tl.dot(tl.trans(P), dob, input_precision=PRECISION) + kd[:, None] * tl.dot(
+    dvb = tl.dot(Pt, dob, input_precision=PRECISION) + kd[:, None] * tl.dot(
         kb, G, input_precision=PRECISION)  # (BC, BV)
-    part = (i_v * B * H + i_bh) * T * D  # this program's (T, D) slice of (NV, B, H, T, D)
-    tl.store(dq_part + part + t[:, None] * D + offs_d[None, :], dqb, mask=mask_td)
+    part = (i_v * B * H + i_bh) * T * D
     tl.store(dk_part + part + t[:, None] * D + offs_d[None, :], dkb, mask=mask_td)
     tl.store(dv + i_bh * T * DV + t[:, None] * DV + offs_v[None, :], dvb, mask=mask_tv)
 

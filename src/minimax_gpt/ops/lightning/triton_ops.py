@@ -131,8 +131,10 @@ def _backward(q, k, v, slopes, initial_state, d_out, d_state, chunk_size):
     _kernel(kernels.lightning_dstates_kernel, q.device)[(NV, B * H)](
         q, d_out, lam, d_init if ds is None else ds, dh, d_init, *_strides(q, d_out), T, HAS_DS=ds is not None,
         **tiles)
-    _kernel(kernels.lightning_bwd_kernel, q.device)[(N, NV, B * H)](
-        q, k, v, d_out, lam, h, dh, dq_part, dk_part, dv, *_strides(q, k, v, d_out), T, B=B, **tiles)
+    _kernel(kernels.lightning_bwd_dq_kernel, q.device)[(N, NV, B * H)](
+        k, v, d_out, lam, h, dq_part, *_strides(k, v, d_out), T, B=B, **tiles)
+    _kernel(kernels.lightning_bwd_dkv_kernel, q.device)[(N, NV, B * H)](
+        q, k, v, d_out, lam, dh, dk_part, dv, *_strides(q, k, v, d_out), T, B=B, **tiles)
     return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv.to(v.dtype), d_init
 
 
