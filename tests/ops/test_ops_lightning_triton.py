@@ -163,3 +163,18 @@ def test_triton_empty_sequence_returns_the_initial_state():
     torch.testing.assert_close(state, s0, rtol=0, atol=0)
     expected = run_with_grads(lightning_attn_naive, q, k, v, s0, slopes)
     torch.testing.assert_close(ds0, expected[5], rtol=0, atol=0)  # the final state's weights, passed straight back
+
+
+def test_triton_dot_precision_follows_torch_for_float32():
+    """On the GPU, float32 inputs use IEEE matmuls unless torch allows TF32 ones; half inputs always use TF32 (their
+    values are exact in it). (The interpreter ignores the setting.)"""
+    from minimax_gpt.ops.lightning.triton_ops import _precision
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert [_precision(d) for d in (F32, F64, torch.bfloat16)] == ["ieee", "ieee", "tf32"]
+        torch.set_float32_matmul_precision("high")
+        assert [_precision(d) for d in (F32, F64, torch.float16)] == ["tf32", "ieee", "tf32"]
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -62,8 +62,14 @@ def _tiles(D: int, Dv: int) -> tuple[int, int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: tf32 tensor cores for half inputs (their values are exact in tf32), else IEEE."""
-    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+    """tl.dot's input precision: tf32 tensor cores for half inputs (their values are exact in tf32) and for float32
+    ones where torch allows TF32 matmuls (torch.set_float32_matmul_precision), else IEEE. (The interpreter ignores
+    it: numpy's matmul.)"""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "tf32"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
