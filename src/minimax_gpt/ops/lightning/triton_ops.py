@@ -6,8 +6,10 @@
 Same arguments, results and dtypes as lightning_attn_chunked / lightning_attn_recurrent (naive.py has the formula):
 float32 arithmetic and state (float64 for float64 inputs), output in the input dtype, gradients for q, k, v and the
 initial state (not the slopes, fixed decay rates). The chunked op is a custom op with a registered backward, so
-torch.compile calls the kernels instead of tracing them; the backward recomputes the per-chunk states (nothing but
-the inputs is saved). The recurrent op is for decoding and has no backward.
+torch.compile calls the kernels instead of tracing them. Forward: a scan writes the state entering every chunk, then
+every chunk's output is computed at once; backward: the same scan again (nothing but the inputs is saved), a reverse
+scan of the state gradients, then every chunk's dq, and dk and dv, at once (triton_kernels.py). The recurrent op is
+for decoding and has no backward.
 
 On CUDA the kernels are compiled; on CPU they run through Triton's interpreter, which must be switched on with
 TRITON_INTERPRET=1 (read when called, so it may be set after this module is imported). Under the interpreter the
@@ -29,6 +31,7 @@ from minimax_gpt.ops.lightning import triton_kernels as kernels
 from minimax_gpt.ops.lightning.inputs import check_inputs, check_triton_chunk_size, state_dtype
 
 __all__ = ["lightning_attn_triton", "lightning_attn_triton_recurrent"]
+
 
 def interpreter_on() -> bool:
     """Whether TRITON_INTERPRET is set, read now (through Triton's knobs where it has them, 3.4 and later)."""
