@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from minimax_gpt.ops.block_sparse_tiles import block_sparse_tiles
+
 
 def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D): query head h reads key/value head h // n_rep."""
@@ -132,8 +134,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     blocks = (torch.arange(T, device=q.device) // block_size)[None]  # (1, T)
     selected = select_blocks(q, block_means(k, block_size), blocks, top_k)  # (B, H, T, K)
-    groups = _group_by_block(selected, block_size, T)
-    return _BlockSparse.apply(q, k, v, groups, block_size, selected.shape[-1], scale, fused)
+    return block_sparse_tiles(q, k, v, selected, block_size, scale, fused)
 
 
 def _check(q, k, v, block_size: int, top_k: int) -> None:
@@ -145,137 +146,3 @@ def _check(q, k, v, block_size: int, top_k: int) -> None:
                          "of Hkv")
     if block_size < 1 or top_k < 0:
         raise ValueError(f"block_size must be >= 1 and top_k >= 0, got block_size={block_size}, top_k={top_k}")
-
-
-def _group_by_block(selected: torch.Tensor, block_size: int, T: int) -> list[torch.Tensor]:
-    """For each key block j, the (query, choice) pairs that chose it: N tensors (R, n_j) of pair indices
-    p = t * K + slot into the flattened (T, K) choices, padded with T * K (a dummy pair of a dummy query T) where a
-    row has fewer than n_j. A query chooses a block at most once."""
-    B, H, _, K = selected.shape
-    R, N, device = B * H, -(-T // block_size), selected.device
-    pair_block = selected.reshape(R, T * K)
-    pair_block = pair_block.masked_fill(pair_block < 0, N)  # "no block" sorts last
-    order = pair_block.argsort(dim=-1, stable=True)  # (R, T*K): pair indices grouped by block
-    counts = torch.zeros(R, N + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(1, pair_block, torch.ones_like(pair_block))  # (R, N + 1)
-    starts = counts.cumsum(dim=1) - counts
-    groups = []
-    for j, n in enumerate(counts[:, :N].amax(dim=0).tolist()):
-        slot = starts[:, j : j + 1] + torch.arange(n, device=device)  # (R, n)
-        pairs = order.gather(1, slot.clamp_max(max(T * K - 1, 0)))
-        groups.append(pairs.masked_fill(slot >= starts[:, j : j + 1] + counts[:, j : j + 1], T * K))
-    return groups
-
-
-class _BlockSparse(torch.autograd.Function):
-    """Own blocks as one block-diagonal causal attention; every chosen block as an unmasked attention of the
-    queries that chose it; the partial results merged per query by their log-sum-exp. Saved for backward: q, k, v,
-    the output and its log-sum-exp; the backward gives each tile the final output and log-sum-exp, which makes the
-    FlashAttention backward of the tile the exact gradient of the merged result."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, groups, block_size, K, scale, fused):
-        B, H, T, D = q.shape
-        R, N = B * H, -(-T // block_size)
-        qr = q.reshape(R, T, D)
-        kr, vr = (expand_kv(x, H // k.shape[1]).reshape(R, T, D) for x in (k, v))  # (R, T, D)
-        tiles = [_pad_blocks(x, block_size) for x in (qr, kr, vr)]  # (R * N, bs, D)
-        o_own, lse_own = _tile(*tiles, True, scale, fused)
-        o_own = o_own.view(R, N * block_size, D)[:, :T]  # (R, T, D)
-        lse_own = lse_own.reshape(R, N * block_size)[:, :T]  # (R, T)
-        q_ext = _with_dummy(qr)  # (R, T + 1, D)
-        o_sel = qr.new_zeros(R, T * K + 1, D)
-        lse_sel = qr.new_full((R, T * K + 1), float("-inf"))  # "no block": weight 0
-        for j, pairs in enumerate(groups):
-            if pairs.shape[1] == 0:  # no query chose block j
-                continue
-            sl = slice(j * block_size, (j + 1) * block_size)
-            o_j, lse_j = _tile(_rows(q_ext, pairs // max(K, 1)), kr[:, sl], vr[:, sl], False, scale, fused)
-            o_sel.scatter_(1, pairs[..., None].expand(-1, -1, D), o_j)
-            lse_sel.scatter_(1, pairs, lse_j)
-        lse_all = torch.cat((lse_own[..., None], lse_sel[:, : T * K].view(R, T, K)), dim=-1)  # (R, T, K + 1)
-        lse = lse_all.logsumexp(dim=-1)  # (R, T)
-        w = torch.exp(lse_all - lse[..., None])  # (R, T, K + 1)
-        out = w[..., :1] * o_own + (w[..., 1:, None] * o_sel[:, : T * K].view(R, T, K, D)).sum(dim=2)
-        ctx.save_for_backward(q, k, v, out, lse, *groups)
-        ctx.block_size, ctx.K, ctx.scale, ctx.fused = block_size, K, scale, fused
-        return out.view(B, H, T, D)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, *groups = ctx.saved_tensors
-        bs, K, scale, fused = ctx.block_size, ctx.K, ctx.scale, ctx.fused
-        B, H, T, D = q.shape
-        Hkv, R, N = k.shape[1], B * H, -(-T // bs)
-        qr, do = q.reshape(R, T, D), grad_out.reshape(R, T, D)
-        kr, vr = (expand_kv(x, H // Hkv).reshape(R, T, D) for x in (k, v))
-        # own blocks; padding queries past T have zero gradient, so they add nothing
-        grads = _tile_backward(*(_pad_blocks(x, bs) for x in (do, qr, kr, vr, out)),
-                               _pad_blocks(lse[..., None], bs)[..., 0], True, scale, fused)
-        dq, dk, dv = (g.reshape(R, N * bs, D)[:, :T].contiguous() for g in grads)  # (R, T, D)
-        dq = _with_dummy(dq)  # the dummy query's row collects nothing that is read
-        q_ext, do_ext, out_ext = _with_dummy(qr), _with_dummy(do), _with_dummy(out)  # dummy: zero gradient
-        lse_ext = _with_dummy(lse[..., None])[..., 0]  # (R, T + 1)
-        for j, pairs in enumerate(groups):
-            if pairs.shape[1] == 0:
-                continue
-            sl, t = slice(j * bs, (j + 1) * bs), pairs // max(K, 1)  # t (R, n) query of each pair
-            dq_j, dk_j, dv_j = _tile_backward(_rows(do_ext, t), _rows(q_ext, t), kr[:, sl], vr[:, sl],
-                                              _rows(out_ext, t), lse_ext.gather(1, t), False, scale, fused)
-            dq.scatter_add_(1, t[..., None].expand(-1, -1, D), dq_j)
-            dk[:, sl] += dk_j
-            dv[:, sl] += dv_j
-        dq = dq[:, :T].reshape(B, H, T, D)
-        dk = dk.view(B, Hkv, H // Hkv, T, D).sum(dim=2)
-        dv = dv.view(B, Hkv, H // Hkv, T, D).sum(dim=2)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def _tile(q, k, v, causal: bool, scale: float, fused: bool):
-    """softmax(q k^T * scale) v and its log-sum-exp: q (R, n, D), k/v (R, m, D) -> (R, n, D), (R, n); causal
-    needs n == m."""
-    if fused:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, causal, scale=scale)
-        return out[0], lse[0]
-    s = _tile_scores(q, k, causal, scale)  # (R, n, m)
-    lse = s.logsumexp(dim=-1)
-    return torch.bmm(torch.exp(s - lse[..., None]), v), lse
-
-
-def _tile_backward(do, q, k, v, out, lse, causal: bool, scale: float, fused: bool):
-    """Gradients (dq, dk, dv) of one tile whose rows are normalised by the given (final) log-sum-exp lse (R, n)."""
-    if fused:
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do[None], q[None], k[None], v[None], out[None], lse[None], 0.0, causal, scale=scale)
-        return tuple(g[0] for g in grads)
-    p = torch.exp(_tile_scores(q, k, causal, scale) - lse[..., None])  # (R, n, m)
-    ds = p * (torch.bmm(do, v.transpose(1, 2)) - (do * out).sum(dim=-1, keepdim=True))
-    return torch.bmm(ds, k) * scale, torch.bmm(ds.transpose(1, 2), q) * scale, torch.bmm(p.transpose(1, 2), do)
-
-
-def _tile_scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    s = torch.bmm(q * scale, k.transpose(1, 2))  # (R, n, m)
-    if causal:
-        n = s.shape[1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return s
-
-
-def _pad_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(R, T, D) -> (R * N, block_size, D), zero-padded to N = ceil(T / block_size) whole blocks."""
-    R, T, D = x.shape
-    N = -(-T // block_size)
-    if N * block_size != T:
-        x = torch.cat((x, x.new_zeros(R, N * block_size - T, D)), dim=1)
-    return x.reshape(R * N, block_size, D)
-
-
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (R, T + 1, D) at rows idx (R, n) -> (R, n, D)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _with_dummy(x: torch.Tensor) -> torch.Tensor:
-    """(R, T, D) -> (R, T + 1, D) with a zero row T, the target of padded group entries."""
-    return torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
