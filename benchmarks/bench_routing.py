@@ -1,12 +1,15 @@
 """MoE routing side by side on tinyshakespeare (issue 20, 3(b)): top-2 with the load-balancing loss vs auxiliary-loss-
-free balancing (DeepSeek-V3's routing bias, no balancing loss) vs top-p routing (arXiv 2403.07652) with p chosen for
-about 2 experts per token, i.e. the same active compute. Each variant trains the shakespeare_char_cpu_hybrid config
-(the same steps, schedule and seed set for every variant), then the final model is scored on the validation split
-(the config's 200 windows, eval mode, dropless): val loss and each MoE layer's load imbalance (max / mean expert count) and mean experts per token, averaged over the layers. The training-
-time imbalance (the metrics log's moe_mean_imbalance over the last quarter of the steps) is reported too.
+free balancing (DeepSeek-V3's routing bias, no balancing loss) vs top-p routing (arXiv 2403.07652; cap 4, balancing
+loss kept) at p values chosen around 2 experts per token, i.e. about top-2's active compute. Each variant trains the
+shakespeare_char_cpu_hybrid config (the same steps, schedule and seeds for every variant), then the final model is
+scored on the validation split (the config's 200 windows, eval mode, dropless): val loss, and each MoE layer's load
+imbalance (max / mean expert count) and mean experts per token, averaged over the layers. The training-time
+imbalance (the metrics log's moe_mean_imbalance over the last quarter of the steps) and the mean experts per token
+over all logged steps (the active compute actually spent) are reported too.
 
-    python benchmarks/bench_routing.py [--iters 2000] [--seeds 1337 42 7] [--jobs 2] [--top-p 0.6]
+    python benchmarks/bench_routing.py [--iters 2000] [--seeds 1337 42 7] [--jobs 2] [--top-p 0.6 0.7]
         [--variants top2_aux aux_free top_p] [--work /tmp/bench_routing] [--out benchmarks/results/routing.json]
+    python benchmarks/bench_routing.py --table     # the markdown table of --out again
 
 Runs go in parallel (--jobs processes, one thread each); each run's result is kept in --work, so an interrupted
 benchmark continues where it stopped. JSON: per run and per variant (mean and standard deviation over seeds).
@@ -29,16 +32,23 @@ CONFIG = "shakespeare_char_cpu_hybrid"
 BIAS_RATE = 0.001  # DeepSeek-V3's bias update speed (gamma = 0.001)
 
 
-def variant_overrides(name: str, top_p: float) -> list[str]:
-    """The model fields each variant changes from the config (top-2, moe_aux_loss_coef 0.01, 4 experts)."""
+def variant_overrides(name: str) -> list[str]:
+    """The model fields each variant changes from the config (top-2, moe_aux_loss_coef 0.01, 4 experts):
+    "top2_aux", "aux_free", or "top_p<p>" (e.g. top_p0.6; cap 4 = every expert, the balancing loss kept)."""
+    if name.startswith("top_p"):
+        return ["--model.moe_top_p", name[len("top_p"):], "--model.moe_top_k", "4"]
     return {
         "top2_aux": [],
         "aux_free": ["--model.moe_aux_loss_coef", "0.0", "--model.moe_bias_update_rate", str(BIAS_RATE)],
-        "top_p": ["--model.moe_top_p", str(top_p), "--model.moe_top_k", "4"],  # cap 4 = every expert
     }[name]
 
 
-def run_one(variant: str, seed: int, iters: int, top_p: float, work: Path, data: Path) -> dict:
+def expand_variants(variants: list[str], top_ps: list[float]) -> list[str]:
+    """"top_p" stands for one variant per p: top_p0.6, top_p0.7, ..."""
+    return [name for v in variants for name in ([f"top_p{p}" for p in top_ps] if v == "top_p" else [v])]
+
+
+def run_one(variant: str, seed: int, iters: int, work: Path, data: Path) -> dict:
     """Train one variant with one seed (one thread), then measure its routing on the validation split."""
     import torch
 
@@ -51,7 +61,7 @@ def run_one(variant: str, seed: int, iters: int, top_p: float, work: Path, data:
                  "--train.threads", "1", "--phases.0.iters", str(iters),
                  "--phases.0.warmup_iters", str(min(100, iters // 10)), "--train.eval_interval", "0", "--train.eval_batches", "1",
                  "--train.sample_tokens", "0", "--train.progress", "false", "--train.tensorboard", "false"]
-    run = load_run_config(CONFIG, overrides + variant_overrides(variant, top_p))
+    run = load_run_config(CONFIG, overrides + variant_overrides(variant))
     t0 = time.perf_counter()
     summary = train(run, overwrite=True)
     wall = time.perf_counter() - t0
@@ -98,15 +108,13 @@ def validation_routing(out_dir: Path) -> dict:
 
 
 def _cached_run(args_tuple) -> dict:
-    variant, seed, iters, top_p, work, data = args_tuple
+    variant, seed, iters, work, data = args_tuple
     path = work / f"{variant}-seed{seed}.json"
     if path.exists():
         done = json.loads(path.read_text())
-        if done["iters"] == iters and (variant != "top_p" or done.get("top_p") == top_p):
+        if done["iters"] == iters and done["variant"] == variant:
             return done
-    result = run_one(variant, seed, iters, top_p, work, data)
-    if variant == "top_p":
-        result["top_p"] = top_p
+    result = run_one(variant, seed, iters, work, data)
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -147,7 +155,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000, help="training steps of every run (the config: 2000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 42, 7])
     ap.add_argument("--variants", nargs="+", default=["top2_aux", "aux_free", "top_p"])
-    ap.add_argument("--top-p", type=float, default=0.6, help="p of the top_p variant (cap: all 4 experts)")
+    ap.add_argument("--top-p", type=float, nargs="+", default=[0.6, 0.7],
+                    help="p of the top_p variants, one variant each (cap: all 4 experts)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--work", default="/tmp/bench_routing", help="run folders and per-run results")
@@ -159,7 +168,8 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    jobs = [(v, s, args.iters, args.top_p, work, Path(args.data)) for s in args.seeds for v in args.variants]
+    variants = expand_variants(args.variants, args.top_p)
+    jobs = [(v, s, args.iters, work, Path(args.data)) for s in args.seeds for v in variants]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_cached_run, jobs))
@@ -167,7 +177,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "config": CONFIG, "iters": args.iters, "seeds": args.seeds, "top_p": args.top_p, "bias_rate": BIAS_RATE,
-        "variant_overrides": {v: variant_overrides(v, args.top_p) for v in args.variants},
+        "variant_overrides": {v: variant_overrides(v) for v in variants},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "jobs": args.jobs},
         "wall_s": time.perf_counter() - t0, "summary": summarise(results), "runs": results}, indent=1) + "\n")
     print(markdown_table(summarise(results)))
