@@ -2,42 +2,11 @@
 (output, state after each slice, every gradient), slices of any length; the bytes a lightning layer sends do not
 depend on the sequence length; gathered keys and values give each rank the keys up to the end of its slice."""
 
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from gloo_cases import GlooCases
 from minimax_gpt.ops.lightning import lightning_attn_chunked, lightning_slopes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
-    """Every check of one world size in one process group (starting processes is the slow part): each case's
-    outcome, "ok" or its traceback, goes to a file per rank and case."""
-    import traceback
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for name, (fn, args) in cases.items():
-            try:
-                fn(rank, world, *args)
-                outcome = "ok"
-            except Exception:  # noqa: BLE001 - reported by the test of this case
-                outcome = traceback.format_exc()
-            Path(out_dir, f"{name}.{rank}").write_text(outcome)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _cases(world: int) -> dict:
@@ -50,30 +19,9 @@ def _cases(world: int) -> dict:
             "gather_kv": (_gathered_keys, ())}
 
 
-def _run_group(world: int, out: Path) -> Path:
-    mp.start_processes(_entry, args=(world, _free_port(), _cases(world), str(out)), nprocs=world, join=True,
-                       start_method="spawn")
-    return out
-
-
 @pytest.fixture(scope="module")
-def groups(tmp_path_factory) -> dict[int, Path]:
-    """Each world size's group runs once, when a test first asks for it."""
-    done: dict[int, Path] = {}
-
-    def results(world: int) -> Path:
-        if world not in done:
-            done[world] = _run_group(world, tmp_path_factory.mktemp(f"sp{world}"))
-        return done[world]
-
-    return results
-
-
-def _check(groups, name: str, world: int) -> None:
-    out = groups(world)
-    for rank in range(world):
-        outcome = (out / f"{name}.{rank}").read_text()
-        assert outcome == "ok", f"rank {rank}:\n{outcome}"
+def groups(tmp_path_factory) -> GlooCases:
+    return GlooCases(_cases, tmp_path_factory)
 
 
 def _inputs(lengths, dtype, H=3, D=8, initial=False):
@@ -125,7 +73,7 @@ def _op_matches_one_process(rank, world, lengths, dtype, tol, initial):
     ("fp32_2", 2),
 ])
 def test_the_lightning_op_split_over_ranks_equals_one_process(groups, name, world):
-    _check(groups, name, world)
+    groups.check(name, world)
 
 
 def _bytes_do_not_grow_with_length(rank, world):
@@ -147,7 +95,7 @@ def _bytes_do_not_grow_with_length(rank, world):
 
 
 def test_a_lightning_layer_sends_the_same_bytes_at_any_sequence_length(groups):
-    _check(groups, "bytes", 2)
+    groups.check("bytes", 2)
 
 
 def _gathered_keys(rank, world):
@@ -167,4 +115,4 @@ def _gathered_keys(rank, world):
 
 
 def test_softmax_layers_gather_the_keys_up_to_the_end_of_each_slice(groups):
-    _check(groups, "gather_kv", 2)
+    groups.check("gather_kv", 2)

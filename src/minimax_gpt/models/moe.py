@@ -154,6 +154,9 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("routing_bias", torch.empty(E, dtype=torch.float32) if self.bias_update_rate > 0 else None)
         # Expert kernel: "bmm", "grouped_mm" (CPU fp32/bf16, verified by the tests) or "auto" (= bmm, see _impl).
         self.dispatch = "auto"
+        # Expert parallelism: a handle installed from outside (parallel.expert.ExpertParallel) that sends the kept
+        # rows to the ranks holding their experts and brings the outputs back; None runs every expert here.
+        self.expert_parallel = None
         self.init_weights(config.init_std, config.init_std)
 
     @torch.no_grad()
@@ -240,7 +243,7 @@ class MoEFeedForward(nn.Module):
         N, A = B * T, B * T * k
         xf = x.reshape(N, C)
         logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
-        if self._few_assignments(A):  # decoding: no all-True mask to build when there is no padding
+        if self.expert_parallel is None and self._few_assignments(A):  # decoding: no all-True mask to build
             valid = None if token_mask is None else token_mask.reshape(N)
             return self._forward_few(xf, valid, logits, probs, top_w, top_i, B, T)
         valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
@@ -263,8 +266,11 @@ class MoEFeedForward(nn.Module):
         if cap is not None:
             keep = keep & (rank < cap)
 
-        impl = self._impl(x, A)
-        if impl == "grouped_mm":
+        impl = "remote" if self.expert_parallel is not None else self._impl(x, A)
+        if impl == "remote":  # expert parallelism: every rank sends each kept row to its expert's rank
+            xs, maps = self._sorted_rows(xf, order, keep)
+            out_rows = self.expert_parallel.run(self, xs, e_sorted, keep)
+        elif impl == "grouped_mm":
             out_rows, maps = self._experts_grouped(xf, order, e_sorted, keep)
         elif impl == "loop":
             out_rows, maps = self._experts_loop(xf, order, keep, counts)
@@ -361,10 +367,8 @@ class MoEFeedForward(nn.Module):
         """The sorted rows expert by expert, each expert with tokens running its SwiGLU through F.linear on its
         contiguous group: for a few tokens only the used experts' weights are read. One host sync (the counts).
         Dropped and pad rows read the zero row, so they add nothing."""
-        E, A, C = self.num_experts, order.numel(), xf.shape[1]
-        rows = torch.where(keep, torch.arange(A, device=xf.device), A)  # (A,) one row per sorted assignment
-        maps = _RowMaps.build(order, rows, self.top_k)
-        xs = _gather_rows(torch.cat([xf, xf.new_zeros(1, C)]), maps.token, maps.row_ext, self.top_k)  # (A, C)
+        E = self.num_experts
+        xs, maps = self._sorted_rows(xf, order, keep)
         dt, outs, start = xs.dtype, [], 0
         for e, n in enumerate(counts.tolist()):  # (E+1) groups in sorted order, the last one the pads
             if n == 0:
@@ -377,6 +381,13 @@ class MoEFeedForward(nn.Module):
                 outs.append(torch.zeros_like(xe))
             start += n
         return torch.cat(outs), maps
+
+    def _sorted_rows(self, xf, order, keep):
+        """One row per sorted assignment, (A, C): the token's input, or zero for a dropped or pad assignment."""
+        A, C = order.numel(), xf.shape[1]
+        rows = torch.where(keep, torch.arange(A, device=xf.device), A)  # (A,)
+        maps = _RowMaps.build(order, rows, self.top_k)
+        return _gather_rows(torch.cat([xf, xf.new_zeros(1, C)]), maps.token, maps.row_ext, self.top_k), maps
 
     def _experts_bmm(self, xf, order, e_sorted, rank, keep, counts, N):
         """Kept rows into an (E, cap, C) buffer, one bmm per weight. The buffer capacity is the cap for a batch

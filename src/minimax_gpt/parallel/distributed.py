@@ -72,6 +72,8 @@ class DistContext:
     dp_replicate: int = 1
     dp_shard: int = 1
     sp: int = 1
+    ep: int = 1  # expert-parallel group size (groups of ep consecutive ranks; not a mesh dimension)
+    ep_group: Any = None
     mesh: Any = None
 
     @property
@@ -115,8 +117,11 @@ def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: i
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"train.parallel is {parallel!r}; allowed: {', '.join(PARALLEL_MODES)}")
     given = {"dp_replicate": 1, "dp_shard": 1, **(degrees or {})}
+    ep = given.pop("ep", 1)  # expert parallelism borrows data-parallel ranks: not a mesh dimension
     if parallel != "none":  # the shorthand: every rank replicates (ddp) or shards (fsdp)
         given.update({"dp_replicate": -1, "dp_shard": 1} if parallel == "ddp" else {"dp_replicate": 1, "dp_shard": -1})
+    elif ep > 1 and all(v == 1 for v in given.values()):
+        given["dp_shard"] = -1  # ep alone: FSDP2 over every rank, as torchtitan
     known = math.prod(v for v in given.values() if v != -1)
     resolved = {k: (world_size // known if v == -1 and world_size % known == 0 else v) for k, v in given.items()}
     if math.prod(resolved.values()) != world_size or -1 in resolved.values():
@@ -124,6 +129,11 @@ def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: i
         launch = ("this is one process: launch with torchrun --nproc_per_node N" if world_size == 1
                   else f"launched as WORLD_SIZE={world_size} (torchrun)")
         raise ValueError(f"{shown} must multiply to the world size {world_size} ({launch}); -1 takes the rest")
+    if world_size % ep:
+        raise ValueError(f"parallel.ep = {ep} must divide the world size {world_size} (expert-parallel groups of ep "
+                         "consecutive ranks)")
+    if ep > 1:
+        resolved["ep"] = ep
     if parallel != "none":
         return parallel, resolved
     r, s = resolved["dp_replicate"], resolved["dp_shard"]
@@ -160,13 +170,16 @@ def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | No
         atexit.register(teardown)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, tuple(resolved.values()), mesh_dim_names=tuple(resolved))
+    dims = {k: v for k, v in resolved.items() if k != "ep"}
+    mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+    ep = resolved.get("ep", 1)
+    ep_group = None if ep == 1 else dist.group.WORLD if ep == world_size else dist.new_subgroups(ep)[0]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logging.getLogger("minimax_gpt").setLevel(logging.WARNING)
     return DistContext(parallel=mode, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                        dp_replicate=resolved["dp_replicate"], dp_shard=resolved["dp_shard"],
-                       sp=resolved.get("sp", 1), mesh=mesh)
+                       sp=resolved.get("sp", 1), ep=ep, ep_group=ep_group, mesh=mesh)
 
 
 def _rank_device(mode: str, device_name: str, local_rank: int) -> torch.device:
@@ -361,6 +374,7 @@ def parallelize(model: nn.Module, ctx: DistContext, compile: bool = False) -> nn
 
     apply_activation_checkpointing(model)
     apply_sequence_parallel(model, ctx)
+    apply_expert_parallel(model, ctx)
     wrapped = _data_parallel(model, ctx)
     return compile_for_training(wrapped, model.config) if compile else wrapped
 
@@ -391,6 +405,21 @@ def apply_sequence_parallel(model: nn.Module, ctx: DistContext) -> None:
     from minimax_gpt.parallel.sequence import SequenceParallel
 
     model.sequence_parallel = SequenceParallel(ctx.mesh["sp"].get_group())
+
+
+def apply_expert_parallel(model: nn.Module, ctx: DistContext) -> None:
+    """Run each MoE layer's experts spread over the ep group (minimax_gpt.parallel.expert): the layers send their
+    kept rows to the experts' ranks and back. A no-op for ep = 1."""
+    if ctx.ep == 1:
+        return
+    if not model.config.use_moe:
+        raise ValueError(f"parallel.ep = {ctx.ep} spreads MoE experts over ranks, but model.use_moe is false")
+    from minimax_gpt.models.moe import MoEFeedForward
+    from minimax_gpt.parallel.expert import ExpertParallel
+
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.expert_parallel = ExpertParallel(ctx.ep_group, module.num_experts)
 
 
 def _shard_mesh(ctx: DistContext):

@@ -162,14 +162,20 @@ class ParallelConfig:
     dp_shard: ranks that shard parameters, gradients and optimizer state among them (FSDP2).
     sp: ranks that split every sequence into contiguous slices (sequence parallelism, minimax_gpt.parallel.sequence);
         the innermost dimension. Parameters are replicated (DDP) or sharded with dp_shard (FSDP2) over it.
+    ep: ranks that split each MoE layer's experts among them (expert parallelism, minimax_gpt.parallel.expert). Not a
+        mesh dimension of its own: as in torchtitan it borrows the data-parallel ranks (groups of ep consecutive
+        ranks), so it does not multiply the world size; ep alone means dp_shard = -1.
     `train.parallel = "ddp"` is shorthand for dp_replicate = -1, "fsdp" for dp_shard = -1; either composes with sp."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
     sp: int = 1
+    ep: int = 1
 
     def __post_init__(self) -> None:
         _check_types(self, "parallel")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep must be >= 1 (experts per rank = num_experts / ep); got {self.ep}")
         for name, value in self.degrees().items():
             if value != -1 and value < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, or -1 for the rest of the world size; got {value}")
@@ -178,7 +184,8 @@ class ParallelConfig:
                              + ", ".join(f"parallel.{k} = {v}" for k, v in self.degrees().items()))
 
     def degrees(self) -> dict[str, int]:
-        """Every degree by name, in mesh order (outermost first): a new kind of parallelism is one more field."""
+        """Every degree by name, mesh dimensions in mesh order (outermost first) and then ep (which borrows ranks):
+        a new kind of parallelism is one more field."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
