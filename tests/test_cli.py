@@ -159,7 +159,7 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     defaults to, and a default value is printed as "(default: VALUE)"."""
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subcommands) == {"train", "eval", "generate", "prepare", "convert"}
+    assert set(subcommands) == {"train", "eval", "generate", "prepare", "convert", "recall"}
     for name, sub in subcommands.items():
         assert sub.description, name
         one_required = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}

@@ -8,6 +8,8 @@
     minimax-gpt eval --checkpoint out [--data PATH]
     minimax-gpt prepare --data PATH --out DIR --tokenizer bpe --vocab-size 4096
     minimax-gpt convert --from-hf HF_DIR OUT | --to-hf OUR_DIR OUT     Hugging Face MiniMax checkpoints in and out
+    minimax-gpt recall [--out DIR] [--seq-lens 64,128] [--seeds 0,1,2]    MQAR accuracy of each layout (docs/recall.md)
+    minimax-gpt recall --checkpoint out                       passkey retrieval at 1x, 2x, 4x the training length
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minimax-gpt", description=__doc__.split("\n")[0],
                      epilog="--debug (with any command) or MINIMAX_GPT_DEBUG=1: show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_generate, _add_prepare):
+    for add in (_add_train, _add_eval, _add_generate, _add_prepare, _add_recall):
         add(sub)
     from minimax_gpt.interop.hf import add_convert_parser
 
@@ -160,6 +162,40 @@ def _add_prepare(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is not empty and not data prepared from this source with these "
                         "settings (without it such a folder is refused and left as it is)")
+
+
+def _add_recall(sub) -> None:
+    p = sub.add_parser("recall", help="MQAR recall of each layout, or passkey retrieval of a checkpoint",
+                       description="Train small models of each layout (equal width and depth: all softmax, all "
+                                   "lightning, 7:1 and 3:1 hybrids, and any named in --config or --layout) on "
+                                   "multi-query associative recall under one budget; write DIR/recall.json and "
+                                   "DIR/recall.png (accuracy against sequence length). With --checkpoint: passkey "
+                                   "retrieval of a trained checkpoint at 1x, 2x and 4x its training length.")
+    p.add_argument("--out", default="out/recall", help="directory for recall.json and recall.png")
+    p.add_argument("--config", help="a TOML recall budget: RecallBudget fields, [recipe], [layouts] (default: the "
+                                    "packaged budget, about 15 minutes on 2 CPU cores)")
+    p.add_argument("--layouts", type=_names, help="only these layouts, comma-separated (default: all)")
+    p.add_argument("--layout", action="append", metavar="NAME=TYPE,...",
+                   help="add a layout, e.g. mine=lightning,lightning,softmax,...; repeatable (default: none)")
+    p.add_argument("--seq-lens", type=_ints, help="MQAR sequence lengths, comma-separated (default: the budget's)")
+    p.add_argument("--seeds", type=_ints, help="seeds, comma-separated (default: the budget's)")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the budget's)")
+    p.add_argument("--n-pairs", type=int, help="key-value pairs per sequence (default: seq_len // 16)")
+    p.add_argument("--checkpoint", help="passkey retrieval of this checkpoint or training output directory instead "
+                                        "(default: none, train and measure the layouts on MQAR)")
+    p.add_argument("--trials", type=int, default=4, help="with --checkpoint: passkeys per depth and length")
+    p.add_argument("--device", default="auto", help="with --checkpoint: auto, cpu, cuda or cuda:N")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _count_or_all(text: str) -> int | str:
@@ -282,7 +318,31 @@ def _convert(args, _) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "prepare": _prepare, "convert": _convert}
+def _recall(args, _) -> int:
+    from tqdm import tqdm
+
+    if args.checkpoint is not None:
+        from minimax_gpt.evals.passkey import evaluate_checkpoint_passkey
+
+        r = evaluate_checkpoint_passkey(args.checkpoint, trials=args.trials, device=args.device)
+        print(json.dumps(r, indent=2))
+        return 0
+    from minimax_gpt.evals.recall import format_table, make_budget, run_recall
+
+    budget = make_budget(args.config, args.layouts, args.layout, seq_lens=args.seq_lens, seeds=args.seeds,
+                         steps=args.steps, n_pairs=args.n_pairs)
+    with tqdm(total=budget.total_steps(), desc="recall", unit="step", file=sys.stderr) as bar:
+        def report(name, T, seed, accuracy):
+            bar.write(f"{name} T={T} seed {seed}: accuracy {accuracy:.3f}", file=sys.stderr)
+
+        results = run_recall(budget, args.out, on_step=lambda: bar.update(1), on_result=report)
+    print(format_table(results))
+    print(f"{results['wall_seconds']:.0f} s; wrote {os.path.join(args.out, 'recall.json')} and recall.png")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "generate": _generate, "prepare": _prepare, "convert": _convert,
+             "recall": _recall}
 
 if __name__ == "__main__":
     sys.exit(main())

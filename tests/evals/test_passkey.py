@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minimax_gpt.data.tokenizer import build_tokenizer
-from minimax_gpt.evals.passkey import (FILLER, NEEDLE, evaluate_passkey, passkey_correct, passkey_prompt,
+from minimax_gpt.evals.passkey import (FILLER, INTRO, NEEDLE, evaluate_passkey, passkey_correct, passkey_prompt,
                                        passkey_prompts)
 
 BYTES = build_tokenizer("bytes")
@@ -23,20 +23,24 @@ def test_prompt_fits_the_length_and_hides_the_key_at_its_depth(depth):
     n_tokens = 2000
     item = passkey_prompt(BYTES, n_tokens, depth, 31337)
     total = len(item.prompt) + len(item.answer)
-    assert n_tokens - len(FILLER.encode()) < total <= n_tokens
+    assert n_tokens - max(len(s) for s in FILLER) < total <= n_tokens
     assert BYTES.decode(item.answer) == " 31337"
     text = BYTES.decode(item.prompt)
-    assert text.endswith("What is the pass key? The pass key is")
-    fillers = text.count(FILLER)
-    before = text[:text.index(NEEDLE.format(key=31337))].count(FILLER)
-    assert before == round(depth * fillers)
+    assert text.startswith(INTRO) and text.endswith("What is the pass key? The pass key is")
+    count = sum(text.count(s) for s in FILLER)
+    head = text[:text.index(NEEDLE.format(key=31337))]
+    assert sum(head.count(s) for s in FILLER) == round(depth * count)
+
+
+def test_short_prompts_fit_a_short_training_length():
+    assert len(passkey_prompt(BYTES, 128, 0.5, 12345).prompt) + 6 <= 128
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="depth must be in"):
         passkey_prompt(BYTES, 1000, 1.5, 12345)
     with pytest.raises(ValueError, match="passkey prompts need at least"):
-        passkey_prompt(BYTES, 100, 0.5, 12345)
+        passkey_prompt(BYTES, 100, 0.5, 12345)  # 109 at least
 
 
 class _Scripted(torch.nn.Module):

@@ -2,8 +2,8 @@
 text, asked for at the end. Prompts are made from a seed through the checkpoint's own tokenizer; nothing is
 downloaded.
 
-    <intro> <filler x k> The pass key is 71432. Remember it. 71432 is the pass key. <filler x m> What is the pass
-    key? The pass key is| 71432
+    Remember the pass key. <filler sentences> The pass key is 71432. Remember it. <filler sentences> What is the
+    pass key? The pass key is| 71432
 
 A trial is correct when greedy decoding would produce every token of the answer: with teacher forcing, the argmax
 at each answer position is the answer's token (one forward pass; the same verdict as decoding step by step).
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
-         "it. I will quiz you about it.\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+INTRO = "Remember the pass key.\n"
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")
+NEEDLE = "The pass key is {key}. Remember it. "
 QUESTION = "What is the pass key? The pass key is"
 
 
@@ -32,19 +32,23 @@ class PasskeyPrompt:
 
 
 def passkey_prompt(tokenizer, n_tokens: int, depth: float, passkey: int) -> PasskeyPrompt:
-    """A prompt of at most `n_tokens` tokens (prompt and answer together) with the needle after `depth` of the
-    filler. The parts are tokenized separately and joined, so their lengths add up exactly."""
+    """A prompt of at most `n_tokens` tokens (prompt and answer together): as many filler sentences as fit (cycling
+    through FILLER), the needle after `depth` of them. The parts are tokenized separately and joined, so their
+    lengths add up exactly."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     intro, needle, question = (tokenizer.encode(t) for t in (INTRO, NEEDLE.format(key=passkey), QUESTION))
-    filler, answer = tokenizer.encode(FILLER), tokenizer.encode(f" {passkey}")
-    fixed = len(intro) + len(needle) + len(question) + len(answer)
-    repeats = (n_tokens - fixed) // len(filler)
-    if repeats < 1:
-        raise ValueError(f"passkey prompts need at least {fixed + len(filler)} tokens with this tokenizer, "
-                         f"asked for {n_tokens}")
-    before = round(depth * repeats)
-    prompt = intro + filler * before + needle + filler * (repeats - before) + question
+    sentences, answer = [tokenizer.encode(t) for t in FILLER], tokenizer.encode(f" {passkey}")
+    room = n_tokens - (len(intro) + len(needle) + len(question) + len(answer))
+    filler: list[list[int]] = []
+    while room >= len(sentences[len(filler) % len(sentences)]):
+        filler.append(sentences[len(filler) % len(sentences)])
+        room -= len(filler[-1])
+    if not filler:
+        raise ValueError(f"passkey prompts need at least {n_tokens - room + len(sentences[0])} tokens with this "
+                         f"tokenizer, asked for {n_tokens}")
+    before = round(depth * len(filler))
+    prompt = intro + sum(filler[:before], []) + needle + sum(filler[before:], []) + question
     return PasskeyPrompt(prompt, answer, passkey, depth)
 
 
@@ -84,3 +88,43 @@ def evaluate_passkey(model, tokenizer, lengths: list[int], depths: list[float], 
             row[f"depth {depth:g}"] = sum(mine) / len(mine)
         results[n_tokens] = row
     return results
+
+
+def training_length(checkpoint) -> int:
+    """The longest seq_len a checkpoint's run trained at (its run_config.json), else its model's block_size."""
+    from minimax_gpt.interop.pretrained import load_config
+    from minimax_gpt.training.checkpoint import load_saved_run_config, resolve_checkpoint
+
+    run = load_saved_run_config(checkpoint)
+    phases = (run or {}).get("phases") or []
+    lengths = [p["seq_len"] for p in phases if isinstance(p, dict) and isinstance(p.get("seq_len"), int)]
+    return max(lengths) if lengths else load_config(resolve_checkpoint(checkpoint)).block_size
+
+
+def evaluate_checkpoint_passkey(checkpoint, multiples=(1, 2, 4), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                                trials: int = 4, seed: int = 0, device: str = "auto",
+                                on_trial=None) -> dict[str, Any]:
+    """Passkey retrieval of a trained checkpoint at `multiples` of its training length. A length that learned
+    positions cannot reach (beyond block_size) is reported as skipped, with the reason."""
+    from minimax_gpt.training.checkpoint import load_model
+    from minimax_gpt.training.devices import resolve_device
+
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    if not multiples or any(m <= 0 for m in multiples):
+        raise ValueError(f"multiples must be numbers > 0, got {list(multiples)}")
+    model, tokenizer = load_model(checkpoint, device=resolve_device(device))
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer/ directory; passkey prompts are text")
+    trained = training_length(checkpoint)
+    out: dict[str, Any] = {"checkpoint": str(checkpoint), "training_length": trained, "depths": list(depths),
+                           "trials_per_depth": trials, "lengths": {}}
+    for m in multiples:
+        n_tokens = int(round(m * trained))
+        if model.config.pos_embedding == "learned" and n_tokens > model.config.block_size:
+            out["lengths"][str(n_tokens)] = {"multiple": m, "skipped": f"learned positions stop at block_size "
+                                                                       f"{model.config.block_size}"}
+            continue
+        row = evaluate_passkey(model, tokenizer, [n_tokens], list(depths), trials, seed, on_trial)[n_tokens]
+        out["lengths"][str(n_tokens)] = {"multiple": m, **row}
+    return out

@@ -1,0 +1,104 @@
+"""The recall benchmark: a budget from data, results per layout and length written as JSON and a plot, and the
+`minimax-gpt recall` command (both modes) on tiny budgets."""
+
+import json
+
+import pytest
+import torch
+
+from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
+from minimax_gpt.__main__ import main
+from minimax_gpt.data.tokenizer import build_tokenizer
+from minimax_gpt.evals.mqar_training import MQARRecipe
+from minimax_gpt.evals.recall import RecallBudget, format_table, load_budget, make_budget, run_recall
+from minimax_gpt.training.checkpoint import save_checkpoint
+
+L, S = "lightning", "softmax"
+TINY = dict(layouts={"mixed": [L, S], "linear": [L, L]}, seq_lens=(16, 24), n_pairs=2, seeds=(0, 1), n_layer=2,
+            n_embd=16, n_head=2, n_keys=4, n_values=4, eval_sequences=8,
+            recipe=MQARRecipe(steps=3, batch_size=4, warmup_steps=1))
+
+
+def test_the_packaged_budget_compares_the_four_layouts_at_equal_width_and_depth():
+    budget = RecallBudget()
+    assert list(budget.layouts) == ["softmax", "lightning", "hybrid-7-1", "hybrid-3-1"]
+    configs = [budget.model_config(types) for types in budget.layouts.values()]
+    assert {(c.n_layer, c.n_embd, c.n_head) for c in configs} == {(8, 64, 2)}
+    assert budget.layouts["hybrid-7-1"] == [L] * 7 + [S]
+
+
+def test_run_writes_every_layout_length_and_seed(tmp_path):
+    seen = []
+    results = run_recall(RecallBudget(**TINY), tmp_path, on_result=lambda *r: seen.append(r[:3]))
+    assert seen == [(n, T, s) for n in ("mixed", "linear") for T in (16, 24) for s in (0, 1)]
+    saved = json.loads((tmp_path / "recall.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and saved["complete"]
+    row = saved["layouts"]["mixed"]["lengths"]["24"]
+    assert row["n_pairs"] == 2 and len(row["accuracy"]) == 2
+    assert row["mean"] == pytest.approx(sum(row["accuracy"]) / 2)
+    assert row["std"] == pytest.approx(abs(row["accuracy"][0] - row["accuracy"][1]) / 2 ** 0.5)
+    assert all(a * 16 == round(a * 16) for a in row["accuracy"])  # 8 sequences x 2 queries
+    assert (tmp_path / "recall.png").stat().st_size > 1000
+    assert format_table(saved).splitlines()[0].split() == ["layout", "params", "T=16", "T=24"]
+
+
+def test_same_budget_same_results(tmp_path):
+    a = run_recall(RecallBudget(**{**TINY, "seeds": (3,)}), tmp_path / "a")
+    b = run_recall(RecallBudget(**{**TINY, "seeds": (3,)}), tmp_path / "b")
+    assert a["layouts"] == b["layouts"]
+
+
+def test_budget_from_toml_adds_named_layouts_and_refuses_unknown_keys(tmp_path):
+    good = tmp_path / "b.toml"
+    good.write_text('seq_lens = [32]\nn_layer = 8\n[recipe]\nsteps = 7\nwarmup_steps = 1\n'
+                    '[layouts]\nfirst = ["softmax", "lightning", "lightning", "lightning", "lightning", "lightning", '
+                    '"lightning", "lightning"]\n')
+    budget = load_budget(good)
+    assert budget.recipe.steps == 7 and budget.seq_lens == (32,)
+    assert list(budget.layouts) == ["softmax", "lightning", "hybrid-7-1", "hybrid-3-1", "first"]
+    (tmp_path / "bad.toml").write_text("seq_len = [32]\n")
+    with pytest.raises(ValueError, match="unknown recall budget key.s. seq_len"):
+        load_budget(tmp_path / "bad.toml")
+    (tmp_path / "bad2.toml").write_text("[recipe]\nlearning_rate = 1\n")
+    with pytest.raises(ValueError, match=r"unknown \[recipe\] key.s. learning_rate"):
+        load_budget(tmp_path / "bad2.toml")
+
+
+def test_command_line_choices_make_the_budget():
+    budget = make_budget(layouts=["softmax", "mine"], extra_layouts=["mine=" + ",".join([L] * 6 + [S] * 2)],
+                         seq_lens=(64,), seeds=(0, 1, 2), steps=300)
+    assert list(budget.layouts) == ["softmax", "mine"] and budget.layouts["mine"][-1] == S
+    assert budget.seeds == (0, 1, 2) and budget.recipe.steps == 300
+    assert budget.recipe.warmup_steps == round(RecallBudget().recipe.warmup_steps * 300 / RecallBudget().recipe.steps)
+    with pytest.raises(ValueError, match="--layouts names nope"):
+        make_budget(layouts=["nope"])
+    with pytest.raises(ValueError, match="--layout must be NAME=TYPE"):
+        make_budget(extra_layouts=["lightning,softmax"])
+    with pytest.raises(ValueError, match="seq_len .16. must be >= 3 \\* n_pairs .18."):
+        make_budget(seq_lens=(16,), n_pairs=6)
+
+
+def test_recall_command_runs_a_budget_file(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text('seq_lens = [16]\nseeds = [0]\nn_layer = 2\nn_embd = 16\nn_pairs = 2\nn_keys = 4\n'
+                      'n_values = 4\neval_sequences = 4\n[recipe]\nsteps = 2\nbatch_size = 2\nwarmup_steps = 0\n'
+                      '[layouts]\nsoftmax = ["softmax", "softmax"]\nlightning = ["lightning", "lightning"]\n'
+                      'hybrid-7-1 = ["lightning", "softmax"]\nhybrid-3-1 = ["lightning", "softmax"]\n')
+    assert main(["recall", "--config", str(config), "--out", str(tmp_path / "out"), "--layouts",
+                 "softmax,lightning"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["layout", "params", "T=16"] and "recall.json" in out
+    assert set(json.loads((tmp_path / "out" / "recall.json").read_text())["layouts"]) == {"softmax", "lightning"}
+    assert main(["recall", "--seeds", "x"]) == 2
+    assert "expected comma-separated integers, got 'x'" in capsys.readouterr().err
+
+
+def test_recall_command_with_a_checkpoint_measures_passkeys_at_1_2_4_times_its_length(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = MiniMaxConfig(vocab_size=256, block_size=128, n_layer=2, n_head=2, n_embd=16, lightning_chunk_size=16,
+                           layer_types=[L, S])
+    save_checkpoint(tmp_path / "ckpt", EnhancedMiniMaxGPT(config), build_tokenizer("bytes"))
+    assert main(["recall", "--checkpoint", str(tmp_path / "ckpt"), "--trials", "1", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["training_length"] == 128 and list(r["lengths"]) == ["128", "256", "512"]
+    assert all(0 <= row["accuracy"] <= 1 and row["tokens"] <= int(n) for n, row in r["lengths"].items())
