@@ -50,3 +50,28 @@ def test_repeat_kv_shares_heads_in_groups():
     assert r.shape == (1, 6, 3, 4)
     for h in range(6):
         assert torch.equal(r[0, h], x[0, h // 3])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_causal_attention_over_more_keys_than_queries_is_aligned_bottom_right(n_kv_head):
+    """A sequence-parallel slice: T queries after S - T earlier keys, is_causal and no mask. SDPA (top-left by its
+    own convention, shifted by leading zero queries) equals attention under an explicit bottom-right mask."""
+    from minimax_gpt import MiniMaxConfig
+    from minimax_gpt.models.attention import SoftmaxAttention
+
+    torch.manual_seed(0)
+    layer = SoftmaxAttention(MiniMaxConfig(n_embd=32, n_head=4, n_kv_head=n_kv_head, vocab_size=16), 0)
+    T, S = 5, 12
+    q = torch.randn(2, 4, T, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, S, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fused = layer._attend(q, k, v, None, True)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # query t sees keys 0 .. S - T + t
+    n_rep = 4 // n_kv_head
+    kr, vr = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = (q @ kr.transpose(-2, -1) / 8 ** 0.5).masked_fill(~mask, float("-inf"))  # float64 throughout
+    want = scores.softmax(-1) @ vr
+    torch.testing.assert_close(fused, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((fused * g).sum(), (q, k, v))
+    for got, ref in zip(grads, torch.autograd.grad((want * g).sum(), (q, k, v))):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)

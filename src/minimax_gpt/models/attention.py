@@ -105,6 +105,8 @@ class SoftmaxAttention(nn.Module):
         return self._attend(q, k, v, ctx.attn_mask, ctx.is_causal)
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale=None):
+        """is_causal aligns the mask bottom-right, as `attention_math` and flash_attn do: with S keys and T <= S
+        queries, query t sees keys 0 .. S - T + t (a sequence-parallel slice after S - T earlier keys)."""
         dropout_p = self.dropout if self.training else 0.0
         if not self.use_flash_attn:
             return attention_math(q, repeat_kv(k, self.n_head // self.n_kv_head),
@@ -115,6 +117,11 @@ class SoftmaxAttention(nn.Module):
             out = _flash_attn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
                                 softmax_scale=scale, causal=is_causal)
             return out.transpose(1, 2)
+        pad = k.shape[2] - q.shape[2] if is_causal else 0
+        if pad > 0:
+            # SDPA aligns is_causal top-left. Leading zero queries shift ours onto its diagonal (their outputs are
+            # dropped): the fused kernel's memory stays linear in S, where a materialised mask would take T x S.
+            return self._attend(F.pad(q, (0, 0, pad, 0)), k, v, None, True, scale)[:, :, pad:]
         if _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale,

@@ -20,7 +20,7 @@ class ForwardContext:
     key_positions: torch.Tensor  # (B, S) positions of all keys
     token_mask: torch.Tensor | None  # (B, T) bool, True = real token; None = no padding
     attn_mask: torch.Tensor | None  # (B or 1, 1, T, S) bool, True = may attend; None with is_causal or one query
-    is_causal: bool  # no padding and no past: plain causal attention
+    is_causal: bool  # no padding and no past (or a sequence-parallel slice): causal, aligned bottom-right
     offset: int  # slot of the first new token in the cache (0 without a cache)
     cache: ModelCache | None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, 1, T, R)
@@ -53,13 +53,12 @@ def build_context(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 
 def _slice_context(B: int, T: int, attention_mask, seq, device) -> ForwardContext:
     """This rank's slice of T tokens at global positions offset .. offset + T - 1; its queries see the gathered keys
-    0 .. offset + T - 1 causally."""
+    0 .. offset + T - 1 causally (is_causal with more keys than queries: the mask aligned bottom-right)."""
     if attention_mask is not None:
         raise ValueError("attention_mask (padding) is not supported under sequence parallelism (parallel.sp > 1)")
     offset = seq.begin(T, device)
     key_positions = torch.arange(offset + T, device=device).expand(B, -1)  # (B, S)
-    attn_mask, is_causal = causal_mask(T, offset, None, device)
-    return ForwardContext(key_positions[:, offset:], key_positions, None, attn_mask, is_causal, 0, None, seq=seq)
+    return ForwardContext(key_positions[:, offset:], key_positions, None, None, True, 0, None, seq=seq)
 
 
 def causal_mask(T: int, offset: int, key_valid: torch.Tensor | None, device) -> tuple[torch.Tensor | None, bool]:
