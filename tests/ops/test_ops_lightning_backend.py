@@ -50,9 +50,9 @@ def test_auto_on_cuda_falls_back_with_a_warning_naming_the_reason(monkeypatch, c
         assert backend.lightning_backend("auto", CUDA, 64) == "torch"
         assert backend.lightning_backend("auto", CUDA, 24) == "torch"
     assert "Triton cannot be imported" in caplog.records[0].getMessage()
-    assert "lightning_chunk_size 24 is not one of the kernels' (16, 32, 64, 128)" in caplog.records[1].getMessage()
+    assert "lightning_chunk_size 24 is not one of the kernels' (16, 32, 64)" in caplog.records[1].getMessage()
     monkeypatch.setattr(backend, "_triton_missing", lambda: None)
-    assert backend.lightning_backend("auto", CUDA, 128) == "triton"
+    assert backend.lightning_backend("auto", CUDA, 32) == "triton"
 
 
 def test_forcing_triton_where_it_cannot_run_is_one_clear_error(monkeypatch):
@@ -76,6 +76,6 @@ def test_a_triton_model_with_a_chunk_size_the_kernels_cannot_take_is_refused_at_
 
     config = MiniMaxConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=11, lightning_chunk_size=24,
                            lightning_backend="triton")
-    with pytest.raises(ValueError, match=r"lightning_chunk_size must be one of \(16, 32, 64, 128\) with "
+    with pytest.raises(ValueError, match=r"lightning_chunk_size must be one of \(16, 32, 64\) with "
                                          "lightning_backend 'triton', got 24"):
         EnhancedMiniMaxGPT(config)

@@ -43,7 +43,10 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
-TRITON_CHUNK_SIZES = (16, 32, 64, 128)  # the Triton kernels' tile of C x C scores: a power of two >= 16 (tl.dot)
+# The Triton kernels' tile of C x C scores: a power of two >= 16 (tl.dot's minimum) and <= 64, where the dk/dv
+# backward kernel fits a GPU's shared memory at D = 128 (160 KiB on sm_90 at 64; 256 KiB at 128, over the 227 KiB
+# limit: benchmarks/triton_aot.py).
+TRITON_CHUNK_SIZES = (16, 32, 64)
 
 
 def check_triton_chunk_size(chunk_size) -> None:
