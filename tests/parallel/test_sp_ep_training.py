@@ -1,7 +1,10 @@
-"""Training with sequence parallelism (gloo, 2 and 4 processes) equals training in one process: a 7:1 hybrid MoE
-with GQA and RoPE, and a variant with XPos and learned positions, trained with sp = 2, sp = 4 and sp = 2 x
-dp_shard = 2 reach the single-process losses (1e-5) and weights; a checkpoint saved with sp = 2 resumes with sp = 4
-and in one process."""
+"""Training with sequence and expert parallelism (gloo, 2 and 4 processes) equals training in one process.
+
+Sequence parallelism: a 7:1 hybrid MoE with GQA and RoPE, and a variant with XPos and learned positions, trained
+with sp = 2, sp = 4 and sp = 2 x dp_shard = 2 reach the single-process losses (1e-5) and weights; a checkpoint saved
+with sp = 2 resumes with sp = 4 and in one process. Expert parallelism: the same hybrid with 8 experts trained with
+ep = 2, ep = 4 (FSDP2 over every rank) and ep = 2 inside dp_shard = 4, the same way. Both in one group of processes
+per world size (starting them is the slow part)."""
 
 import json
 from pathlib import Path
@@ -17,6 +20,7 @@ from train_helpers import write_config
 TOL = 1e-5
 HYBRID = ["--model.n_layer", "8", "--model.hybrid_period", "8", "--model.n_head", "4", "--model.n_kv_head", "2"]
 XPOS = [*HYBRID, "--model.adaptive_xpos", "true", "--model.pos_embedding", "learned"]
+EXPERTS = [*HYBRID, "--model.num_experts", "8", "--phases.*.batch_size", "4"]  # rows for 4 data-parallel ranks
 STEP3 = "checkpoints/step-000003"
 
 
@@ -48,16 +52,20 @@ def _assert_same_run(got: Path, want: Path, resumed: bool = False) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
     config = write_config(tmp, tmp / "unused")
-    out = {name: tmp / name for name in ("ref", "ref_xpos", "sp2", "sp2_xpos", "sp4", "sp4_xpos", "sp2_dp2",
-                                          "sp4_from_sp2", "one_from_sp2")}
+    out = {name: tmp / name for name in ("ref", "ref_xpos", "ref_experts", "sp2", "sp2_xpos", "sp4", "sp4_xpos",
+                                          "sp2_dp2", "sp4_from_sp2", "one_from_sp2", "ep2", "ep4", "ep2_dp4")}
     _run(config, out["ref"], *HYBRID)
     _run(config, out["ref_xpos"], *XPOS)
+    _run(config, out["ref_experts"], *EXPERTS)
     _spawn([(config, out["sp2"], [*HYBRID, "--parallel.sp", "2"], False),
-            (config, out["sp2_xpos"], [*XPOS, "--parallel.sp", "2"], False)], world=2)
+            (config, out["sp2_xpos"], [*XPOS, "--parallel.sp", "2"], False),
+            (config, out["ep2"], [*EXPERTS, "--parallel.ep", "2"], False)], world=2)
     _spawn([(config, out["sp4"], [*HYBRID, "--parallel.sp", "4"], False),
             (config, out["sp4_xpos"], [*XPOS, "--parallel.sp", "4"], False),
             (config, out["sp2_dp2"], [*HYBRID, "--parallel.sp", "2", "--parallel.dp_shard", "2"], False),
-            (config, out["sp4_from_sp2"], [*HYBRID, "--parallel.sp", "4"], str(out["sp2"] / STEP3))], world=4)
+            (config, out["sp4_from_sp2"], [*HYBRID, "--parallel.sp", "4"], str(out["sp2"] / STEP3)),
+            (config, out["ep4"], [*EXPERTS, "--parallel.ep", "4"], False),
+            (config, out["ep2_dp4"], [*EXPERTS, "--parallel.ep", "2", "--parallel.dp_shard", "-1"], False)], world=4)
     _run(config, out["one_from_sp2"], *HYBRID, resume=out["sp2"] / STEP3)
     return out
 
@@ -66,6 +74,11 @@ def runs(tmp_path_factory):
                                        ("sp2_xpos", "ref_xpos"), ("sp4_xpos", "ref_xpos")])
 def test_sequence_parallel_training_equals_one_process(runs, name, ref):
     _assert_same_run(runs[name], runs[ref])
+
+
+@pytest.mark.parametrize("name", ["ep2", "ep4", "ep2_dp4"])
+def test_expert_parallel_training_equals_one_process(runs, name):
+    _assert_same_run(runs[name], runs["ref_experts"])
 
 
 @pytest.mark.parametrize("name", ["sp4_from_sp2", "one_from_sp2"])

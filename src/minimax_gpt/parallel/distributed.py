@@ -426,11 +426,10 @@ def _shard_mesh(ctx: DistContext):
     """The mesh FSDP2 shards over: dp_shard, flattened with sp when sequence parallelism is on (the sp ranks hold
     the same parameters, so they shard them too, as torchtitan does with its context-parallel dimension); HSDP adds
     dp_replicate as the outer, replicated dimension."""
-    shard = "dp_shard"
-    if ctx.sp > 1:
-        shard = "dp_shard_sp"
-        ctx.mesh["dp_shard", "sp"]._flatten(shard)
-    return ctx.mesh[("dp_replicate", shard)] if ctx.parallel == "hsdp" else ctx.mesh[shard]
+    if ctx.sp == 1:
+        return ctx.mesh[("dp_replicate", "dp_shard")] if ctx.parallel == "hsdp" else ctx.mesh["dp_shard"]
+    flat = ctx.mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+    return ctx.mesh[("dp_replicate", "dp_shard_sp")] if ctx.parallel == "hsdp" else flat
 
 
 def _data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
