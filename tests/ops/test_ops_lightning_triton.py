@@ -147,6 +147,8 @@ def test_triton_ops_refuse_what_they_cannot_do(monkeypatch):
     q, k, v, s0, slopes = make_inputs(1, 2, 5, 16, 16, F32, True)
     with pytest.raises(ValueError, match="chunk_size .* one of"):
         lightning_attn_triton(q, k, v, slopes, s0, chunk_size=24)
+    with pytest.raises(ValueError, match="head dim must be <= 128"):
+        lightning_attn_triton(*(torch.zeros(1, 2, 5, 256) for _ in range(3)), slopes)
     with pytest.raises(ValueError, match="slopes"):
         lightning_attn_triton(q.requires_grad_(True), k, v, slopes.clone().requires_grad_(True))
     with pytest.raises(ValueError, match="no backward"):

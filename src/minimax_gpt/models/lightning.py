@@ -25,7 +25,7 @@ from minimax_gpt.models.norm import RMSNorm
 from minimax_gpt.ops.lightning import (lightning_attn_chunked, lightning_attn_chunked_packed,
                                        lightning_attn_recurrent, lightning_slopes)
 from minimax_gpt.ops.lightning.backend import lightning_backend, requested_backend, triton_ops
-from minimax_gpt.ops.lightning.inputs import TRITON_CHUNK_SIZES
+from minimax_gpt.ops.lightning.inputs import triton_unsupported
 from minimax_gpt.models.rotary import apply_rotary
 
 
@@ -36,9 +36,8 @@ class LightningAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.chunk_size = config.lightning_chunk_size
         self.backend = requested_backend(config.lightning_backend)  # "auto", "torch" or "triton"
-        if self.backend == "triton" and self.chunk_size not in TRITON_CHUNK_SIZES:
-            raise ValueError(f"lightning_chunk_size must be one of {TRITON_CHUNK_SIZES} with lightning_backend "
-                             f"'triton', got {self.chunk_size}")
+        if self.backend == "triton" and (why := triton_unsupported(self.chunk_size, self.head_dim)):
+            raise ValueError(f"lightning_backend='triton': {why}")
         self.use_rope = config.lightning_use_rope and config.rotary_dim > 0
         inner = self.n_head * self.head_dim
         self.qkv_proj = nn.Linear(config.n_embd, 3 * inner, bias=False)
@@ -56,7 +55,7 @@ class LightningAttention(nn.Module):
             qkv = qkv * ctx.token_mask[..., None].to(qkv.dtype)
         heads = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D), a view
         state = ctx.cache.states[self.layer_idx] if ctx.cache is not None else None
-        use_triton = lightning_backend(self.backend, x.device.type, self.chunk_size) == "triton"
+        use_triton = lightning_backend(self.backend, x.device.type, self.chunk_size, D) == "triton"
         q, k, v = heads.split(D, dim=-1)  # 3 x (B, H, T, D), views
         if self.use_rope:
             cos, sin = ctx.rope

@@ -1,15 +1,16 @@
 """Which implementation the lightning layer runs: the PyTorch block form (chunk.py) or the Triton kernels.
 
-    requested_backend(configured)                    the config's lightning_backend, or MINIMAX_GPT_LIGHTNING_BACKEND
-                                                     when the config says "auto"; a conflict between them is an error
-    lightning_backend(requested, device_type, chunk_size)  "torch" or "triton" for tensors on that device type
-                                                     ("cuda", "cpu"), decided once per (request, device type, chunk
-                                                     size) and logged in one line
+    requested_backend(configured)
+        the config's lightning_backend, or MINIMAX_GPT_LIGHTNING_BACKEND where the config says "auto"; a conflict
+        between them is an error
+    lightning_backend(requested, device_type, chunk_size, head_dim)
+        "torch" or "triton" for a layer on that device type ("cuda", "cpu"), decided once per distinct arguments and
+        logged in one line
 
-"auto" runs the kernels on CUDA when Triton is importable and the chunk size is one they take, else the PyTorch op,
-and says which and why. "triton" runs the kernels or raises: without Triton, or on CPU without TRITON_INTERPRET=1
-(Triton's interpreter, which is how the tests run them), or with a chunk size they do not take. "torch" always runs
-the PyTorch op.
+"auto" runs the kernels on CUDA when Triton is importable and they take the layer's chunk size and head dim, else the
+PyTorch op, and says which and why. "triton" runs the kernels or raises: without Triton, on CPU without
+TRITON_INTERPRET=1 (Triton's interpreter, which is how the tests run them), or with a chunk size or head dim they do
+not take. "torch" always runs the PyTorch op.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from types import ModuleType
 import torch
 
 from minimax_gpt.config import LIGHTNING_BACKENDS
-from minimax_gpt.ops.lightning.inputs import TRITON_CHUNK_SIZES
+from minimax_gpt.ops.lightning.inputs import triton_unsupported
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MINIMAX_GPT_LIGHTNING_BACKEND"
 
-_decided: dict[tuple[str, str, int], str] = {}
+_decided: dict[tuple[str, str, int, int], str] = {}
 
 
 def requested_backend(configured: str) -> str:
@@ -60,11 +61,11 @@ def _interpreter_on() -> bool:
     return triton_ops().interpreter_on()
 
 
-def _decide(requested: str, device_type: str, chunk_size: int) -> str:
+def _decide(requested: str, device_type: str, chunk_size: int, head_dim: int) -> str:
     if requested == "torch":
         logger.info("lightning layers on %s: the PyTorch chunked op (lightning_backend='torch')", device_type)
         return "torch"
-    bad_chunk = chunk_size not in TRITON_CHUNK_SIZES
+    unsupported = triton_unsupported(chunk_size, head_dim)
     if requested == "triton":
         missing = _triton_missing()
         if missing:
@@ -72,16 +73,15 @@ def _decide(requested: str, device_type: str, chunk_size: int) -> str:
         if device_type != "cuda" and not _interpreter_on():
             raise RuntimeError(f"lightning_backend='triton' needs CUDA tensors (these are on {device_type}), or "
                                "TRITON_INTERPRET=1 to run the kernels through Triton's interpreter on CPU")
-        if bad_chunk:
-            raise ValueError(f"lightning_chunk_size must be one of {TRITON_CHUNK_SIZES} for the Triton kernels, "
-                             f"got {chunk_size}")
+        if unsupported:
+            raise ValueError(f"lightning_backend='triton': {unsupported}")
         how = "compiled" if device_type == "cuda" else "through Triton's interpreter (slow; for tests)"
         logger.info("lightning layers on %s: the Triton kernels, %s (lightning_backend='triton')", device_type, how)
         return "triton"
     if device_type != "cuda":
         why = "no CUDA device"  # (Triton is not even imported)
-    elif bad_chunk:
-        why = f"lightning_chunk_size {chunk_size} is not one of the kernels' {TRITON_CHUNK_SIZES}"
+    elif unsupported:
+        why = unsupported
     else:
         why = _triton_missing()
     if why is None:
@@ -93,10 +93,10 @@ def _decide(requested: str, device_type: str, chunk_size: int) -> str:
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it once while tracing and keeps the answer: no break
-def lightning_backend(requested: str, device_type: str, chunk_size: int) -> str:
+def lightning_backend(requested: str, device_type: str, chunk_size: int, head_dim: int) -> str:
     """"torch" or "triton": what runs for `requested` ("auto", "torch" or "triton") on tensors of `device_type`."""
-    key = (requested, device_type, chunk_size)
+    key = (requested, device_type, chunk_size, head_dim)
     chosen = _decided.get(key)
     if chosen is None:
-        chosen = _decided[key] = _decide(requested, device_type, chunk_size)
+        chosen = _decided[key] = _decide(requested, device_type, chunk_size, head_dim)
     return chosen

@@ -47,9 +47,20 @@ def check_chunk_size(chunk_size) -> None:
 # backward kernel fits a GPU's shared memory at D = 128 (160 KiB on sm_90 at 64; 256 KiB at 128, over the 227 KiB
 # limit: benchmarks/triton_aot.py).
 TRITON_CHUNK_SIZES = (16, 32, 64)
+TRITON_MAX_HEAD_DIM = 128  # q/k head dim, one tile: D = 128 is what was compiled and tested (the value dim is tiled)
 
 
 def check_triton_chunk_size(chunk_size) -> None:
     if isinstance(chunk_size, bool) or chunk_size not in TRITON_CHUNK_SIZES:
         raise ValueError(f"chunk_size of the Triton lightning kernels must be one of {TRITON_CHUNK_SIZES}, "
                          f"got {chunk_size!r}")
+
+
+def triton_unsupported(chunk_size: int, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run a layer of this chunk size and q/k head dim (naming the config fields), or
+    None."""
+    if chunk_size not in TRITON_CHUNK_SIZES:
+        return f"lightning_chunk_size {chunk_size} is not one of the kernels' {TRITON_CHUNK_SIZES}"
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is over the kernels' {TRITON_MAX_HEAD_DIM}"
+    return None

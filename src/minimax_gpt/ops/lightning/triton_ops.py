@@ -28,7 +28,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction  # what triton.jit returns under TRITON_INTERPRET=1
 
 from minimax_gpt.ops.lightning import triton_kernels as kernels
-from minimax_gpt.ops.lightning.inputs import check_inputs, check_triton_chunk_size, state_dtype
+from minimax_gpt.ops.lightning.inputs import TRITON_MAX_HEAD_DIM, check_inputs, check_triton_chunk_size, state_dtype
 
 __all__ = ["lightning_attn_triton", "lightning_attn_triton_recurrent"]
 
@@ -225,6 +225,9 @@ def lightning_attn_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
     """
     check_inputs(q, k, v, slopes, initial_state)
     check_triton_chunk_size(chunk_size)
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"q and k head dim must be <= {TRITON_MAX_HEAD_DIM} for the Triton lightning kernels, got "
+                         f"{q.shape[-1]}")
     if _grad_wanted(q, k, v, slopes, initial_state) and slopes.requires_grad:
         raise ValueError("lightning_attn_triton gives no gradient for slopes (fixed decay rates); pass slopes without "
                          "requires_grad, or use lightning_attn_chunked(backward='autograd')")
