@@ -55,20 +55,21 @@ def assert_matches(actual: list, expected: list, tol: float) -> None:
         assert max_rel_err(a, e) < tol, (name, max_rel_err(a, e))
 
 
-# (B, H, T, D, Dv, chunk): T a multiple of the chunk and not, several heads, head dims 64 and 128, D != Dv.
-SHAPES = [
-    (2, 2, 48, 64, 64, 16),
-    (2, 3, 37, 64, 64, 16),
-    (1, 2, 33, 128, 128, 32),
-    (2, 1, 64, 128, 128, 64),
-    (1, 4, 21, 6, 5, 16),
+# (B, H, T, D, Dv, chunk, with an initial state): T a multiple of the chunk and not, each with and without an initial
+# state, several heads, head dims 64 and 128, D != Dv, batch 1 and 2.
+CASES = [
+    (2, 2, 48, 64, 64, 16, False),
+    (2, 2, 48, 64, 64, 16, True),
+    (2, 3, 37, 64, 64, 16, True),
+    (1, 2, 33, 128, 128, 32, False),
+    (2, 1, 64, 128, 128, 64, True),
+    (1, 4, 21, 6, 5, 16, True),
 ]
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}T{}D{}Dv{}C{}".format(*s))
-def test_triton_chunked_matches_the_formula_fp32(shape, with_state):
-    B, H, T, D, Dv, C = shape
+@pytest.mark.parametrize("case", CASES, ids=lambda s: "B{}H{}T{}D{}Dv{}C{}-state{}".format(*s))
+def test_triton_chunked_matches_the_formula_fp32(case):
+    B, H, T, D, Dv, C, with_state = case
     q, k, v, s0, slopes = make_inputs(B, H, T, D, Dv, F32, with_state)
     expected = run_with_grads(lightning_attn_naive, q, k, v, s0, slopes)
     actual = run_with_grads(lightning_attn_triton, q, k, v, s0, slopes, chunk_size=C)
