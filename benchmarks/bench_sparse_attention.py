@@ -1,7 +1,7 @@
 """CPU timing of block-sparse (MoBA) attention against dense causal SDPA, forward+backward, in one process.
 
 At B=1, H=Hkv=8, D=64 (the model's defaults: n_head=8, n_embd=512), fp32, block 512, top-k 4, for each sequence length:
-  - sparse: minimax_gpt.ops.block_sparse.block_sparse_attention (gate + the chosen blocks; backward recomputes the scores);
+  - sparse: minimax_gpt.ops.block_sparse.block_sparse_attention (the gate, then the chosen blocks only);
   - dense:  F.scaled_dot_product_attention(is_causal=True), the softmax layer's kernel.
 The machine may be shared, so the two are interleaved in each round (one repeat of each, the order alternating) and
 medians, minimums and per-round ratios are reported with the load average before and after; ratios are
