@@ -102,3 +102,12 @@ def test_recall_command_with_a_checkpoint_measures_passkeys_at_1_2_4_times_its_l
     r = json.loads(capsys.readouterr().out)
     assert r["training_length"] == 128 and list(r["lengths"]) == ["128", "256", "512"]
     assert all(0 <= row["accuracy"] <= 1 and row["tokens"] <= int(n) for n, row in r["lengths"].items())
+
+
+def test_a_shallow_budget_names_only_the_layouts_it_can_build(tmp_path):
+    config = tmp_path / "two.toml"
+    config.write_text('n_layer = 2\nseq_lens = [32]\n[layouts]\nhybrid-1-1 = ["lightning", "softmax"]\n')
+    budget = make_budget(config, ["softmax", "hybrid-1-1"])
+    assert budget.layouts == {"softmax": [S, S], "hybrid-1-1": [L, S]}
+    with pytest.raises(ValueError, match="7:1 hybrid needs n_layer to be a multiple of 8, got 2"):
+        make_budget(config)  # all built-in layouts, at a depth where 7:1 cannot exist

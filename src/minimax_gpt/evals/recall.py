@@ -39,14 +39,14 @@ class RecallBudget:
     """What `run_recall` trains and measures. The defaults are the packaged budget (docs/recall.md: its wall time
     and what it measured)."""
     layouts: dict[str, list[str]] = field(default_factory=dict)  # name -> layer_types; empty: the four built in
-    seq_lens: tuple[int, ...] = (64, 128)
-    n_pairs: int | None = None  # key-value pairs per sequence; None: seq_len // 16 (more pairs at longer lengths)
+    seq_lens: tuple[int, ...] = (32, 64)
+    n_pairs: int | None = 4  # key-value pairs per sequence; None: seq_len // 16 (more pairs at longer lengths)
     seeds: tuple[int, ...] = (0,)
     n_layer: int = 8
     n_embd: int = 64
     n_head: int = 2
-    n_keys: int = 64
-    n_values: int = 64
+    n_keys: int = 16
+    n_values: int = 16
     eval_sequences: int = 256
     recipe: MQARRecipe = field(default_factory=MQARRecipe)
 
@@ -84,9 +84,10 @@ class RecallBudget:
         return d
 
 
-def load_budget(path: str | os.PathLike) -> RecallBudget:
-    """A RecallBudget from TOML; [layouts] adds to the built-in layouts, or replaces the one it names (which is how
-    a budget whose n_layer is not a multiple of 8 gives its own hybrid-7-1)."""
+def load_budget(path: str | os.PathLike, only: list[str] | None = None) -> RecallBudget:
+    """A RecallBudget from TOML; [layouts] adds to the built-in layouts, or replaces the one it names. `only`: the
+    built-in layouts to build (all by default; a budget whose n_layer is not a multiple of 8 leaves out or replaces
+    hybrid-7-1)."""
     try:
         d = tomllib.loads(Path(path).read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -103,7 +104,8 @@ def load_budget(path: str | os.PathLike) -> RecallBudget:
     d["recipe"] = MQARRecipe(**d.get("recipe", {}))
     n_layer = d.get("n_layer", RecallBudget.n_layer)
     extra = d.pop("layouts", {})
-    d["layouts"] = {**{name: layout_types(name, n_layer) for name in DEFAULT_LAYOUTS if name not in extra}, **extra}
+    built_in = [n for n in DEFAULT_LAYOUTS if n not in extra and (only is None or n in only)]
+    d["layouts"] = {**{name: layout_types(name, n_layer) for name in built_in}, **extra}
     return RecallBudget(**d)
 
 
@@ -200,7 +202,7 @@ def make_budget(config: str | os.PathLike | None = None, layouts: list[str] | No
     """The packaged budget (or the TOML `config`) with fields replaced by those given (None = keep); `layouts`
     keeps only the named ones, `extra_layouts` adds "name=lightning,softmax,..." layouts. `steps` sets the recipe's
     steps (and scales its warm-up with it)."""
-    budget = load_budget(config) if config is not None else RecallBudget()
+    budget = load_budget(config, only=layouts) if config is not None else RecallBudget()
     d = {f.name: getattr(budget, f.name) for f in dataclasses.fields(RecallBudget)}
     steps = fields.pop("steps", None)
     if steps is not None:
