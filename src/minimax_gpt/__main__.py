@@ -173,7 +173,7 @@ def _add_recall(sub) -> None:
                                    "retrieval of a trained checkpoint at 1x, 2x and 4x its training length.")
     p.add_argument("--out", default="out/recall", help="directory for recall.json and recall.png")
     p.add_argument("--config", help="a TOML recall budget: RecallBudget fields, [recipe], [layouts] (default: the "
-                                    "packaged budget, about 15 minutes on 2 CPU cores)")
+                                    "packaged budget, 17 minutes measured on one CPU core)")
     p.add_argument("--layouts", type=_names, help="only these layouts, comma-separated (default: all)")
     p.add_argument("--layout", action="append", metavar="NAME=TYPE,...",
                    help="add a layout, e.g. mine=lightning,lightning,softmax,...; repeatable (default: none)")
