@@ -53,7 +53,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
     config = write_config(tmp, tmp / "unused")
     out = {name: tmp / name for name in ("ref", "ref_xpos", "ref_experts", "sp2", "sp2_xpos", "sp4", "sp4_xpos",
-                                          "sp2_dp2", "sp4_from_sp2", "one_from_sp2", "ep2", "ep4", "ep2_dp4")}
+                                          "sp2_dp2", "sp2_dp2_xpos", "sp4_from_sp2", "one_from_sp2", "ep2", "ep4",
+                                          "ep2_dp4")}
     _run(config, out["ref"], *HYBRID)
     _run(config, out["ref_xpos"], *XPOS)
     _run(config, out["ref_experts"], *EXPERTS)
@@ -63,6 +64,7 @@ def runs(tmp_path_factory):
     _spawn([(config, out["sp4"], [*HYBRID, "--parallel.sp", "4"], False),
             (config, out["sp4_xpos"], [*XPOS, "--parallel.sp", "4"], False),
             (config, out["sp2_dp2"], [*HYBRID, "--parallel.sp", "2", "--parallel.dp_shard", "2"], False),
+            (config, out["sp2_dp2_xpos"], [*XPOS, "--parallel.sp", "2", "--parallel.dp_shard", "2"], False),
             (config, out["sp4_from_sp2"], [*HYBRID, "--parallel.sp", "4"], str(out["sp2"] / STEP3)),
             (config, out["ep4"], [*EXPERTS, "--parallel.ep", "4"], False),
             (config, out["ep2_dp4"], [*EXPERTS, "--parallel.ep", "2", "--parallel.dp_shard", "-1"], False)], world=4)
@@ -71,7 +73,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, ref", [("sp2", "ref"), ("sp4", "ref"), ("sp2_dp2", "ref"),
-                                       ("sp2_xpos", "ref_xpos"), ("sp4_xpos", "ref_xpos")])
+                                       ("sp2_xpos", "ref_xpos"), ("sp4_xpos", "ref_xpos"),
+                                       ("sp2_dp2_xpos", "ref_xpos")])
 def test_sequence_parallel_training_equals_one_process(runs, name, ref):
     _assert_same_run(runs[name], runs[ref])
 
