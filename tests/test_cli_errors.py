@@ -81,7 +81,9 @@ def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path):
         "    return real_import(name, *args, **kwargs)\n"
         "builtins.__import__ = hook\n"
         "sys.exit(main(['eval', '--checkpoint', 'nowhere']))\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    # a shell's background job ignores SIGINT and its children inherit that: give the child the default disposition
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == "minimax-gpt eval: interrupted"
 

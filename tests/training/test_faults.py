@@ -91,10 +91,11 @@ def test_sigint_saves_a_checkpoint_and_resume_completes(tmp_path, monkeypatch):
     monkeypatch.setattr(EnhancedMiniMaxGPT, "forward", forward)
     out = tmp_path / "out"
     cfg = write_config(tmp_path, out)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN when pytest runs as a background job
     first = train(load_run_config(cfg, QUICK))
     assert first["interrupted"] == "SIGINT" and first["iters"] == 3 and not first["completed"]
     assert resolve_checkpoint(out).name == "step-000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers are put back
     monkeypatch.undo()
     second = train(load_run_config(cfg, QUICK), resume=True)
     assert second["completed"] and second["iters"] == 6 and second["interrupted"] is None
