@@ -9,7 +9,6 @@ with a checkpoint at the phase boundary (step 3). Because the global batch does 
 import json
 import re
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,10 @@ import torch.multiprocessing as mp
 
 from minimax_gpt.training.run_config import load_run_config
 from minimax_gpt.training.trainer import train
+from gloo_cases import free_port
 from train_helpers import legacy_copy, write_config
 
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(out_dir: Path) -> dict[tuple[str, int], float]:
@@ -75,7 +69,7 @@ def _sigterm_during_step(n: int) -> None:
 
 
 def _spawn(jobs: list, world: int = 2) -> None:
-    mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), jobs), nprocs=world, join=True, start_method="spawn")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from minimax_gpt import EnhancedMiniMaxGPT
-from test_distributed import _free_port, _run
+from gloo_cases import free_port
+from test_distributed import _run
 from train_helpers import write_config
 
 BIAS = ["--model.moe_bias_update_rate", "0.01", "--model.moe_aux_loss_coef", "0.0"]
@@ -47,7 +48,7 @@ def test_routing_bias_is_equal_on_every_rank_and_follows_one_process(tmp_path, m
     monkeypatch.setattr(EnhancedMiniMaxGPT, "update_routing_bias", _recording(tmp_path / "ref-rank0.jsonl"))
     _run(config, tmp_path / "ref", *BIAS)
     jobs = [(str(config), str(tmp_path / mode), ["--train.parallel", mode, *BIAS]) for mode in ("fsdp",)]
-    mp.start_processes(_worker, args=(2, _free_port(), jobs), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), jobs), nprocs=2, join=True, start_method="spawn")
     want = _biases(tmp_path / "ref-rank0.jsonl")
     assert len(want) == 6 and any(v != 0 for layer in want[-1] for v in layer)
     for mode in ("fsdp",):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from minimax_gpt.interop.pretrained import SafetensorsReader
-from test_distributed import _free_port, _losses, _run, _worker
+from test_distributed import _losses, _run, _spawn
 from train_helpers import write_config
 
 TOL = 1e-5
@@ -22,10 +21,6 @@ HYBRID = ["--model.n_layer", "8", "--model.hybrid_period", "8", "--model.n_head"
 XPOS = [*HYBRID, "--model.adaptive_xpos", "true", "--model.pos_embedding", "learned"]
 EXPERTS = [*HYBRID, "--model.num_experts", "8", "--phases.*.batch_size", "4"]  # rows for 4 data-parallel ranks
 STEP3 = "checkpoints/step-000003"
-
-
-def _spawn(jobs: list, world: int) -> None:
-    mp.start_processes(_worker, args=(world, _free_port(), jobs), nprocs=world, join=True, start_method="spawn")
 
 
 def _weights(out_dir: Path) -> dict[str, torch.Tensor]:

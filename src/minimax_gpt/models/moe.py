@@ -309,8 +309,7 @@ class MoEFeedForward(nn.Module):
         counts = chosen.sum((0, 1), dtype=torch.float32)  # (E,) selections per expert
         y = None
         for e in torch.nonzero(counts).flatten().tolist():  # host sync: the used experts
-            h = F.silu(F.linear(xf, self.w1[e].to(xf.dtype))) * F.linear(xf, self.w3[e].to(xf.dtype))  # (N, I)
-            out = F.linear(h, self.w2[e].to(h.dtype))  # (N, C)
+            out = self.expert(e, xf)  # (N, C)
             w = combine[:, e, None]  # (N, 1)
             # where, not a product: a row that did not choose e adds an exact 0 even if e overflowed on it (fp16)
             out = torch.where(w > 0, out * w.to(out.dtype), 0.0)
@@ -369,18 +368,24 @@ class MoEFeedForward(nn.Module):
         Dropped and pad rows read the zero row, so they add nothing."""
         E = self.num_experts
         xs, maps = self._sorted_rows(xf, order, keep)
-        dt, outs, start = xs.dtype, [], 0
+        outs, start = [], 0
         for e, n in enumerate(counts.tolist()):  # (E+1) groups in sorted order, the last one the pads
             if n == 0:
                 continue
             xe = xs[start:start + n]  # (n, C)
             if e < E:
-                h = F.silu(F.linear(xe, self.w1[e].to(dt))) * F.linear(xe, self.w3[e].to(dt))
-                outs.append(F.linear(h, self.w2[e].to(dt)))
+                outs.append(self.expert(e, xe))
             else:
                 outs.append(torch.zeros_like(xe))
             start += n
         return torch.cat(outs), maps
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on rows x (n, C) -> (n, C), in x's dtype (one expert at a time: the few-token and loop
+        dispatches, and expert parallelism's local experts)."""
+        dt = x.dtype
+        h = F.silu(F.linear(x, self.w1[e].to(dt))) * F.linear(x, self.w3[e].to(dt))  # (n, I)
+        return F.linear(h, self.w2[e].to(dt))
 
     def _sorted_rows(self, xf, order, keep):
         """One row per sorted assignment, (A, C): the token's input, or zero for a dropped or pad assignment."""

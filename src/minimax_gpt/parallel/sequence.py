@@ -22,7 +22,7 @@ gradients averaged by the data-parallel engine over the flattened (data, sequenc
 
 `SequenceParallel` is the handle `parallelize` installs on the model (`model.sequence_parallel`); the model never
 imports torch.distributed, it only calls the handle's methods. `lightning_attn_sequence_parallel` is the op on its
-own, tested against one process; `lightning_incoming_state` is its plain single-process reference.
+own; its reference is the single-process op over the whole sequence (tests/parallel/test_sequence.py).
 """
 
 from __future__ import annotations
@@ -82,15 +82,6 @@ def fold_states(memories: torch.Tensor, lengths: list[int], slopes: torch.Tensor
         before = torch.exp(-slopes.to(dtype) * sum(lengths[:upto])).view(1, H, 1, 1)
         state = state + before * initial_state.to(dtype)
     return state
-
-
-def lightning_incoming_state(k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, lengths: list[int],
-                             initial_state: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Reference in one process: the state entering each slice of the whole sequence k (B, H, T, D), v (B, H, T, Dv)
-    cut into `lengths`, by the same fold from per-slice memories."""
-    memories = torch.stack([slice_memory(ks, vs, slopes) for ks, vs in
-                            zip(k.split(lengths, dim=2), v.split(lengths, dim=2))])
-    return [fold_states(memories, lengths, slopes, r, initial_state) for r in range(len(lengths))]
 
 
 class SequenceParallel:
