@@ -49,6 +49,19 @@ def run_with_grads(fn, m, x, mask, cfg):
     return y, stats, aux, [x.grad] + [p.grad.clone() for p in m.parameters()]
 
 
+def assert_matches_reference(got, want):
+    """run_with_grads results of a fast path and of the reference: outputs, gradients, every router statistic and
+    every aux loss equal (float64 tolerances)."""
+    (y, s, aux, g), (yr, sr, auxr, gr) = got, want
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for f in RouterStats.__dataclass_fields__:
+        torch.testing.assert_close(getattr(s, f), getattr(sr, f).to(getattr(s, f).dtype), rtol=1e-12, atol=1e-12)
+    for key in aux:
+        torch.testing.assert_close(aux[key], auxr[key], rtol=1e-12, atol=1e-12)
+
+
 def vectorised(impl):
     def fn(m, x, mask):
         m.dispatch = impl
@@ -87,17 +100,11 @@ def test_bmm_and_loop_match_reference_fp64(kw, masked, impl):
     m, cfg = make(**kw)
     x = skewed_input(m, 3, 11, 16)
     mask = pad_mask(3, 11, [11, 7, 2]) if masked else None
-    y, s, aux, g = run_with_grads(vectorised(impl), m, x, mask, cfg)
-    yr, sr, auxr, gr = run_with_grads(reference, m, x, mask, cfg)
+    got = run_with_grads(vectorised(impl), m, x, mask, cfg)
+    s = got[1]
     assert s.expert_counts[-1] == 0 and s.expert_counts[0] == s.expert_counts.max()  # uneven, one idle
     assert (s.dropped_fraction > 0) == (cfg.moe_capacity_factor is not None)  # the capacity cases do drop
-    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g, gr):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for f in RouterStats.__dataclass_fields__:
-        torch.testing.assert_close(getattr(s, f), getattr(sr, f).to(getattr(s, f).dtype), rtol=1e-12, atol=1e-12)
-    for key in aux:
-        torch.testing.assert_close(aux[key], auxr[key], rtol=1e-12, atol=1e-12)
+    assert_matches_reference(got, run_with_grads(reference, m, x, mask, cfg))
 
 
 @pytest.mark.parametrize("kw", CASES)

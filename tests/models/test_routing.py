@@ -6,8 +6,9 @@ import torch
 
 from helpers import tiny_config
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
-from minimax_gpt.models.moe import RouterStats, moe_forward_reference
-from test_moe import make, pad_mask, reference, run_with_grads, skewed_input, vectorised
+from minimax_gpt.models.moe import moe_forward_reference
+from test_moe import (assert_matches_reference, make, pad_mask, reference, run_with_grads, skewed_input,
+                      vectorised)
 
 
 def set_bias(m, values):
@@ -39,15 +40,9 @@ def test_adaptive_routing_matches_reference_fp64(kw, bias, masked, impl):
     mask = pad_mask(B, T, lengths) if masked else None
     for training in (True, False):
         m.train(training)
-        y, s, aux, g = run_with_grads(vectorised(impl), m, x, mask, cfg)
-        yr, sr, auxr, gr = run_with_grads(reference, m, x, mask, cfg)
-        torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
-        for a, b in zip(g, gr):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        for f in RouterStats.__dataclass_fields__:
-            torch.testing.assert_close(getattr(s, f), getattr(sr, f).to(getattr(s, f).dtype), rtol=1e-12, atol=1e-12)
-        for key in aux:
-            torch.testing.assert_close(aux[key], auxr[key], rtol=1e-12, atol=1e-12)
+        got = run_with_grads(vectorised(impl), m, x, mask, cfg)
+        assert_matches_reference(got, run_with_grads(reference, m, x, mask, cfg))
+        s = got[1]
         if "moe_capacity_factor" in kw and training:
             assert s.dropped_fraction > 0  # the capacity cases do drop, and count it as the reference does
         if "moe_top_p" in kw:
