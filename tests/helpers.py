@@ -15,6 +15,7 @@ LAYOUTS = {
     "xpos": dict(use_hybrid_attn=False, adaptive_xpos=True, xpos_scale_base=16.0, block_size=8),
     "learned_pos": dict(layer_types=["softmax", "lightning"], pos_embedding="learned", rotary_dim=0),
     "lightning_rope": dict(layer_types=["lightning", "lightning"], lightning_use_rope=True),
+    "short_conv": dict(n_layer=3, layer_types=["lightning", "softmax", "lightning"], short_conv=4),
     "sparse": dict(layer_types=["sparse", "lightning"], sparse_block_size=4, sparse_top_k=1, n_kv_head=2),
     "moe": dict(layer_types=["lightning", "softmax"], use_moe=True, num_experts=4, moe_top_k=2,
                 moe_capacity_factor=1.0, moe_layer_scale=True, moe_diversity_loss_coef=0.01, intermediate_size=48),

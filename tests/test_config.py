@@ -69,6 +69,9 @@ def test_unknown_keys_rejected():
     (dict(norm_eps=float("nan")), "norm_eps"),
     (dict(mlp_beta_factor=float("inf")), "mlp_beta_factor"),
     (dict(moe_jitter_noise=1.5), "moe_jitter_noise"),
+    (dict(short_conv=1), "short_conv"),
+    (dict(short_conv=-2), "short_conv"),
+    (dict(use_hybrid_attn=False, short_conv=4), "short_conv"),  # no lightning layer to apply it to
 ])
 def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

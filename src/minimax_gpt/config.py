@@ -45,6 +45,10 @@ class MiniMaxConfig:
     # "auto": the Triton kernels on CUDA where Triton is importable, else the PyTorch op (logged once); "torch";
     # "triton" (an error where it cannot run). With "auto", MINIMAX_GPT_LIGHTNING_BACKEND may force either.
     lightning_backend: str = "auto"
+    # Kernel size of a causal depthwise convolution over time on the q, k, v projections of lightning layers (before
+    # their SiLU), as Zoology (arXiv 2312.04927) and Mamba put before a linear mixer; 0 = off (MiniMax-01 has none).
+    # It lets a head with a fixed decay bind a token to its predecessor, which recall needs (docs/recall.md).
+    short_conv: int = 0
 
     # --- positions ---------------------------------------------------------------------------------------------
     pos_embedding: str = "none"  # "learned": absolute nn.Embedding added to the tokens; "none"
@@ -159,6 +163,11 @@ class MiniMaxConfig:
         if not self.use_hybrid_attn and "lightning" in self.layer_types:
             raise ValueError("layer_types contains 'lightning' layers but use_hybrid_attn is False; "
                              "set use_hybrid_attn=True or list only 'softmax' layers")
+        if self.short_conv != 0 and self.short_conv < 2:
+            raise ValueError(f"short_conv must be 0 (off) or a kernel size >= 2, got {self.short_conv}")
+        if self.short_conv and "lightning" not in self.layer_types:
+            raise ValueError(f"short_conv={self.short_conv} applies to lightning layers and layer_types has none; "
+                             "set short_conv=0 or add 'lightning' layers")
         if self.lightning_backend not in LIGHTNING_BACKENDS:
             raise ValueError(f"lightning_backend is {self.lightning_backend!r}; "
                              f"allowed: {', '.join(LIGHTNING_BACKENDS)}")

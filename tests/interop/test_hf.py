@@ -338,3 +338,12 @@ def test_sparse_layers_are_refused_by_name():
         config_to_hf(cfg)
     with pytest.raises(ValueError, match="block-sparse"):
         to_hf(EnhancedMiniMaxGPT(cfg))
+
+
+def test_short_conv_is_refused_by_name():
+    cfg = MiniMaxConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=50, layer_types=["lightning", "softmax"],
+                        use_post_layernorm=True, short_conv=4)
+    with pytest.raises(ValueError, match=r"short_conv=4: transformers' MiniMax has no convolution"):
+        config_to_hf(cfg)
+    with pytest.raises(ValueError, match="short_conv=4"):
+        to_hf(EnhancedMiniMaxGPT(cfg))

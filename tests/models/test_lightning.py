@@ -15,8 +15,14 @@ def plain_lightning_layer(layer: LightningAttention, x: torch.Tensor) -> torch.T
     H, D = layer.n_head, layer.head_dim
     x = x.double()
     W = {n: p.detach().double() for n, p in layer.named_parameters()}
-    qkv = F.silu(x @ W["qkv_proj.weight"].T)  # (B, T, 3HD)
+    qkv = x @ W["qkv_proj.weight"].T  # (B, T, 3HD)
     B, T, _ = qkv.shape
+    if "short_conv.weight" in W:  # y_t = sum_j w[:, j] * qkv_{t-K+1+j}, zeros before the first token
+        w = W["short_conv.weight"]  # (3HD, K)
+        K = w.shape[1]
+        padded = torch.cat((qkv.new_zeros(B, K - 1, qkv.shape[2]), qkv), dim=1)
+        qkv = sum(w[:, j] * padded[:, j:j + T] for j in range(K))
+    qkv = F.silu(qkv)
     out = torch.zeros(B, T, H * D, dtype=torch.float64)
     for h in range(H):
         q, k, v = qkv[..., h * 3 * D:(h + 1) * 3 * D].split(D, dim=-1)
@@ -30,9 +36,11 @@ def plain_lightning_layer(layer: LightningAttention, x: torch.Tensor) -> torch.T
     return (normed * gate) @ W["out_proj.weight"].T
 
 
-def test_layer_equals_plain_formula():
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_layer_equals_plain_formula(short_conv):
     torch.manual_seed(0)
-    config = MiniMaxConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=10, lightning_chunk_size=4)
+    config = MiniMaxConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=10, lightning_chunk_size=4,
+                           short_conv=short_conv)
     layer = LightningAttention(config, layer_idx=1).double()
     with torch.no_grad():
         layer.norm.weight.uniform_(0.5, 1.5)

@@ -119,6 +119,9 @@ def export_problems(config: MiniMaxConfig) -> list[str]:
         layers = [i for i, t in enumerate(config.layer_types) if t == "sparse"]
         problems.append(f"layer_types has 'sparse' layers {layers}: transformers' MiniMax has no block-sparse (MoBA) "
                         "attention layer, only linear and full attention")
+    if config.short_conv:
+        problems.append(f"short_conv={config.short_conv}: transformers' MiniMax has no convolution in its lightning "
+                        "(linear attention) layers")
     if not config.use_post_layernorm:
         problems.append("use_post_layernorm=False: transformers' MiniMax is post-norm only")
     if config.adaptive_xpos:

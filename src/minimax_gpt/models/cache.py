@@ -1,7 +1,8 @@
 """The decoding cache, passed explicitly to `forward` and never stored on the model.
 
 Softmax layers keep keys and values in preallocated buffers (no `torch.cat` per step); lightning layers keep one
-recurrent state of shape (B, H, D, D) that does not grow with the context; sparse layers keep keys and values like
+recurrent state of shape (B, H, D, D) that does not grow with the context (and, with `short_conv` = K, their last
+K-1 projected inputs (B, K-1, 3*H*D)); sparse layers keep keys and values like
 softmax layers plus the sum of the keys of each position block (B, Hkv, N, D), updated as keys arrive. The cache
 also keeps, per row, which key slots hold real tokens (left padding) and their positions, so every layer sees the
 same masks.
@@ -50,8 +51,10 @@ class ModelCache:
         self.block_sums: list[torch.Tensor | None] = [
             torch.zeros(sums_shape, dtype=dtype, device=device) if t == "sparse" else None for t in config.layer_types]
         self.states: list[torch.Tensor | None] = [None] * config.n_layer  # (B, H, D, D) float32, lightning layers
+        self.conv_states: list[torch.Tensor | None] = [None] * config.n_layer  # (B, K-1, 3*H*D), short_conv only
         self.max_rollback = max_rollback
-        self._snapshots: list[tuple[int, list[torch.Tensor | None]]] = [(0, list(self.states))]
+        # (length, lightning states, short-convolution inputs) at the last forward boundaries, for crop
+        self._snapshots: list[tuple[int, list, list]] = [(0, list(self.states), list(self.conv_states))]
 
     # --- bookkeeping, called once per forward by the model ----------------------------------------------------
     def begin(self, token_mask: torch.Tensor | None, n_new: int) -> tuple[int, torch.Tensor]:
@@ -76,7 +79,7 @@ class ModelCache:
 
     def end(self) -> None:
         """Called by the model after a forward: remember the lightning states at this boundary for `crop`."""
-        self._snapshots.append((self.length, list(self.states)))
+        self._snapshots.append((self.length, list(self.states), list(self.conv_states)))
         del self._snapshots[: max(0, len(self._snapshots) - self.max_rollback - 1)]
 
     def crop(self, length: int) -> None:
@@ -84,14 +87,14 @@ class ModelCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
         if any(t == "lightning" for t in self.config.layer_types):
-            found = [states for n, states in self._snapshots if n == length]
+            found = [(states, convs) for n, states, convs in self._snapshots if n == length]
             if not found:
-                kept = [n for n, _ in self._snapshots]
+                kept = [snap[0] for snap in self._snapshots]
                 raise ValueError(f"cannot crop lightning states to length {length}: a recurrent state cannot be "
                                  f"rolled back, and snapshots exist only at lengths {kept}; create the cache with a "
                                  f"larger max_rollback (now {self.max_rollback})")
-            self.states = list(found[-1])
-        self._snapshots = [(n, s) for n, s in self._snapshots if n <= length]
+            self.states, self.conv_states = list(found[-1][0]), list(found[-1][1])
+        self._snapshots = [snap for snap in self._snapshots if snap[0] <= length]
         self.length = length
         self.next_position = self.key_valid[:, :length].sum(dim=1)  # real tokens so far = next position
         for i, sums in enumerate(self.block_sums):  # sums again over the kept keys (a subtraction would not be exact)
@@ -115,13 +118,15 @@ class ModelCache:
         self.keys, self.values = [pick(k) for k in self.keys], [pick(v) for v in self.values]
         self.block_sums = [pick(s) for s in self.block_sums]
         self.states = [pick(s) for s in self.states]
-        self._snapshots = [(n, [pick(s) for s in states]) for n, states in self._snapshots]
+        self.conv_states = [pick(s) for s in self.conv_states]
+        self._snapshots = [(n, [pick(s) for s in states], [pick(c) for c in convs])
+                           for n, states, convs in self._snapshots]
         self.batch_size = indices.numel()
 
     def nbytes(self) -> int:
         """Memory held by the cache's tensors."""
         tensors = [self.key_valid, self.key_positions, self.next_position, *self.keys, *self.values, *self.states,
-                   *self.block_sums]
+                   *self.conv_states, *self.block_sums]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _reserve(self, needed: int) -> None:

@@ -102,6 +102,7 @@ class EnhancedMiniMaxGPT(nn.Module):
         | RMSNorm weights                                  | 1                                                  |
         | MoE experts, router, layer scale                 | the MoE module's `init_weights(s, out_std)`        |
         | lightning decay rates                            | fixed buffers from the layer index, not learned    |
+        | short_conv kernels (lightning layers)            | ShortConv.init_weights: uniform(+-1/sqrt(K))       |
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layer) if self.config.scale_residual_init else std
