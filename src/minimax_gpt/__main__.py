@@ -174,7 +174,9 @@ def _add_recall(sub) -> None:
     p.add_argument("--out", default="out/recall", help="directory for recall.json and recall.png")
     p.add_argument("--config", help="a TOML recall budget: RecallBudget fields, [recipe], [layouts] (default: the "
                                     "packaged budget, 17 minutes measured on one CPU core)")
-    p.add_argument("--layouts", type=_names, help="only these layouts, comma-separated (default: all)")
+    p.add_argument("--layouts", type=_names, help="only these layouts, comma-separated (default: all four; also "
+                                                  "built in: sparse-7-1, and NAME-conv for a short convolution in "
+                                                  "NAME's lightning layers, e.g. hybrid-7-1-conv)")
     p.add_argument("--layout", action="append", metavar="NAME=TYPE,...",
                    help="add a layout, e.g. mine=lightning,lightning,softmax,...; repeatable (default: none)")
     p.add_argument("--seq-lens", type=_ints, help="MQAR sequence lengths, comma-separated (default: the budget's)")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minimax_gpt.evals.layouts import check_layout, layout_types
+from minimax_gpt.evals.layouts import CONV_KERNEL, check_layout, layout_short_conv, layout_types
 
 L, S = "lightning", "softmax"
 
@@ -12,6 +12,15 @@ def test_built_in_layouts_at_depth_8():
     assert layout_types("lightning", 8) == [L] * 8
     assert layout_types("hybrid-7-1", 8) == [L] * 7 + [S]
     assert layout_types("hybrid-3-1", 8) == [L, L, L, S] * 2
+    assert layout_types("sparse-7-1", 16) == ([L] * 7 + ["sparse"]) * 2
+
+
+def test_conv_layouts_are_the_base_layout_with_a_short_convolution():
+    assert layout_types("hybrid-7-1-conv", 8) == [L] * 7 + [S]
+    assert layout_types("lightning-conv", 8) == [L] * 8
+    assert CONV_KERNEL == 4
+    assert [layout_short_conv(n) for n in ("hybrid-7-1-conv", "lightning-conv", "hybrid-7-1", "softmax")] == \
+        [4, 4, 0, 0]
 
 
 def test_bad_layouts_are_named():

@@ -111,3 +111,29 @@ def test_a_shallow_budget_names_only_the_layouts_it_can_build(tmp_path):
     assert budget.layouts == {"softmax": [S, S], "hybrid-1-1": [L, S]}
     with pytest.raises(ValueError, match="7:1 hybrid needs n_layer to be a multiple of 8, got 2"):
         make_budget(config)  # all built-in layouts, at a depth where 7:1 cannot exist
+
+
+def test_conv_and_sparse_layouts_get_their_model_settings(tmp_path):
+    budget = make_budget(layouts=["softmax", "hybrid-7-1-conv", "sparse-7-1"], seq_lens=(64,))
+    assert budget.short_conv == {"softmax": 0, "hybrid-7-1-conv": 4, "sparse-7-1": 0}
+    conv = budget.model_config(budget.layouts["hybrid-7-1-conv"], budget.short_conv["hybrid-7-1-conv"])
+    sparse = budget.model_config(budget.layouts["sparse-7-1"])
+    assert conv.short_conv == 4 and conv.layer_types == [L] * 7 + [S]
+    assert sparse.layer_types[-1] == "sparse" and (sparse.sparse_block_size, sparse.sparse_top_k) == (16, 2)
+    with pytest.raises(ValueError, match="layout 'softmax-conv': short_conv=4 applies to lightning layers"):
+        make_budget(layouts=["softmax-conv"])
+    config = tmp_path / "conv.toml"
+    config.write_text('n_layer = 2\nseq_lens = [16]\nn_pairs = 2\nn_keys = 4\nn_values = 4\neval_sequences = 4\n'
+                      'seeds = [0]\nsparse_top_k = 1\n[recipe]\nsteps = 2\nbatch_size = 2\nwarmup_steps = 0\n'
+                      '[layouts]\nmixed = ["lightning", "softmax"]\nmixed-k3 = ["lightning", "softmax"]\n'
+                      '[short_conv]\nmixed-k3 = 3\n')
+    budget = make_budget(config, ["mixed", "mixed-k3"])
+    assert budget.short_conv == {"mixed": 0, "mixed-k3": 3} and budget.sparse_top_k == 1
+    results = run_recall(budget, tmp_path / "out")
+    plain, conv = results["layouts"]["mixed"], results["layouts"]["mixed-k3"]
+    assert (plain["short_conv"], conv["short_conv"]) == (0, 3)
+    assert conv["params"] - plain["params"] == 3 * 64 * 3  # one lightning layer: (3 * H * D = 3 * 64) x K weights
+    (tmp_path / "bad.toml").write_text('n_layer = 2\nseq_lens = [16]\nn_pairs = 2\n[layouts]\n'
+                                       'mixed = ["lightning", "softmax"]\n[short_conv]\nother = 4\n')
+    with pytest.raises(ValueError, match="short_conv names layout.s. other"):
+        make_budget(tmp_path / "bad.toml", ["mixed"])

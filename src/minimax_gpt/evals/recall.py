@@ -6,7 +6,8 @@ to recall.png (accuracy against length, one line per layout).
     results = run_recall(budget, "out/recall")
 
 A budget can be read from TOML (`load_budget`): RecallBudget's fields at the top level, MQARRecipe's in [recipe],
-extra layouts in [layouts] (name = ["lightning", ..., "softmax"]).
+extra layouts in [layouts] (name = ["lightning", ..., "softmax"]), their short convolutions in [short_conv]
+(name = 4).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 
 from minimax_gpt.atomic import atomic_file
 from minimax_gpt.config import MiniMaxConfig
-from minimax_gpt.evals.layouts import DEFAULT_LAYOUTS, check_layout, layout_types
+from minimax_gpt.evals.layouts import (DEFAULT_LAYOUTS, check_layout, is_built_in, layout_short_conv,
+                                       layout_types)
 from minimax_gpt.evals.mqar import MQARSpec
 from minimax_gpt.evals.mqar_training import MQARRecipe, evaluate_mqar, train_mqar
 
@@ -49,6 +51,11 @@ class RecallBudget:
     n_values: int = 16
     eval_sequences: int = 256
     recipe: MQARRecipe = field(default_factory=MQARRecipe)
+    # layout name -> kernel of the short convolution in its lightning layers (MiniMaxConfig.short_conv); a layout
+    # not named here takes its built-in one (layouts.layout_short_conv: 4 for NAME-conv, else none)
+    short_conv: dict[str, int] = field(default_factory=dict)
+    sparse_block_size: int = 16  # "sparse" layers (MoBA): key blocks of this many positions ...
+    sparse_top_k: int = 2  # ... each query sees its own block causally and this many earlier ones
 
     def __post_init__(self) -> None:
         self.seq_lens, self.seeds = tuple(self.seq_lens), tuple(self.seeds)
@@ -64,16 +71,26 @@ class RecallBudget:
                 raise ValueError(f"recall budget {name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.recipe, dict):
             self.recipe = MQARRecipe(**self.recipe)
+        if unknown := sorted(set(self.short_conv) - set(self.layouts)):
+            raise ValueError(f"short_conv names layout(s) {', '.join(unknown)} that the budget does not build; "
+                             f"its layouts: {', '.join(self.layouts)}")
+        self.short_conv = {name: self.short_conv.get(name, layout_short_conv(name)) for name in self.layouts}
+        for name, types in self.layouts.items():  # each model's config checked now (e.g. a convolution, no lightning)
+            try:
+                self.model_config(types, self.short_conv[name])
+            except ValueError as e:
+                raise ValueError(f"layout {name!r}: {e}") from None
 
     def spec(self, seq_len: int) -> MQARSpec:
         n_pairs = self.n_pairs if self.n_pairs is not None else max(1, seq_len // 16)
         return MQARSpec(seq_len, n_pairs, self.n_keys, self.n_values)
 
-    def model_config(self, layer_types: list[str]) -> MiniMaxConfig:
-        """Equal width and depth for every layout; only the mixers differ."""
+    def model_config(self, layer_types: list[str], short_conv: int = 0) -> MiniMaxConfig:
+        """Equal width and depth for every layout; only the mixers (and a short convolution) differ."""
         return MiniMaxConfig(vocab_size=self.spec(self.seq_lens[0]).vocab_size, block_size=max(self.seq_lens),
                              n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, layer_types=layer_types,
-                             use_hybrid_attn=True)
+                             use_hybrid_attn=True, short_conv=short_conv, sparse_block_size=self.sparse_block_size,
+                             sparse_top_k=self.sparse_top_k)
 
     def total_steps(self) -> int:
         return len(self.layouts) * len(self.seq_lens) * len(self.seeds) * self.recipe.steps
@@ -104,7 +121,8 @@ def load_budget(path: str | os.PathLike, only: list[str] | None = None) -> Recal
     d["recipe"] = MQARRecipe(**d.get("recipe", {}))
     n_layer = d.get("n_layer", RecallBudget.n_layer)
     extra = d.pop("layouts", {})
-    built_in = [n for n in DEFAULT_LAYOUTS if n not in extra and (only is None or n in only)]
+    named = [n for n in only or () if n not in DEFAULT_LAYOUTS and n not in extra]  # e.g. hybrid-7-1-conv
+    built_in = [n for n in (*DEFAULT_LAYOUTS, *named) if n not in extra and (only is None or n in only)]
     d["layouts"] = {**{name: layout_types(name, n_layer) for name in built_in}, **extra}
     return RecallBudget(**d)
 
@@ -120,12 +138,14 @@ def run_recall(budget: RecallBudget, out_dir: str | os.PathLike, on_step: Callab
     results: dict[str, Any] = {"budget": budget.to_dict(), "chance": budget.spec(budget.seq_lens[0]).chance,
                                "layouts": {}, "wall_seconds": 0.0, "complete": False}
     for name, types in budget.layouts.items():
-        entry = results["layouts"][name] = {"layer_types": types, "params": None, "lengths": {}}
+        entry = results["layouts"][name] = {"layer_types": types, "short_conv": budget.short_conv[name],
+                                            "params": None, "lengths": {}}
         for T in budget.seq_lens:
             spec = budget.spec(T)
             row = entry["lengths"][str(T)] = {"n_pairs": spec.n_pairs, "accuracy": [], "final_loss": []}
             for seed in budget.seeds:
-                accuracy, loss, params = _train_and_measure(budget, types, spec, seed, on_step)
+                accuracy, loss, params = _train_and_measure(budget, types, budget.short_conv[name], spec, seed,
+                                                            on_step)
                 entry["params"] = params
                 row["accuracy"].append(accuracy)
                 row["final_loss"].append(loss)
@@ -140,13 +160,13 @@ def run_recall(budget: RecallBudget, out_dir: str | os.PathLike, on_step: Callab
     return results
 
 
-def _train_and_measure(budget: RecallBudget, types: list[str], spec: MQARSpec, seed: int,
+def _train_and_measure(budget: RecallBudget, types: list[str], short_conv: int, spec: MQARSpec, seed: int,
                        on_step: Callable[[], None] | None) -> tuple[float, float, int]:
     """(accuracy on fresh sequences, mean loss of the last 50 steps, parameter count) of one trained model."""
     from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
     torch.manual_seed(seed)
-    model = EnhancedMiniMaxGPT(budget.model_config(types))
+    model = EnhancedMiniMaxGPT(budget.model_config(types, short_conv))
     losses = train_mqar(model, spec, budget.recipe, seed=seed,
                         on_step=(lambda step, loss: on_step()) if on_step is not None else None)
     accuracy = evaluate_mqar(model, spec, budget.eval_sequences, seed=10_000 + seed)  # never a training batch
@@ -210,8 +230,11 @@ def make_budget(config: str | os.PathLike | None = None, layouts: list[str] | No
                                           warmup_steps=min(steps, round(budget.recipe.warmup_steps * steps /
                                                                         budget.recipe.steps)))
     d.update({k: v for k, v in fields.items() if v is not None})
-    if d["n_layer"] != budget.n_layer and config is None:  # built-in layouts follow the depth
-        d["layouts"] = {}
+    if config is None:  # built-in layouts follow the depth and the names asked for (e.g. hybrid-7-1-conv)
+        user = {spec.partition("=")[0] for spec in extra_layouts or []}
+        built_in = [n for n in layouts or DEFAULT_LAYOUTS if n not in user and is_built_in(n)]
+        d["layouts"] = {n: layout_types(n, d["n_layer"]) for n in built_in} if built_in else {}
+        d["short_conv"] = {}
     for spec in extra_layouts or []:
         name, sep, types = spec.partition("=")
         if not sep or not name:
@@ -224,6 +247,7 @@ def make_budget(config: str | os.PathLike | None = None, layouts: list[str] | No
         if missing:
             raise ValueError(f"--layouts names {', '.join(missing)}; known: {', '.join(budget.layouts)}")
         budget.layouts = {n: budget.layouts[n] for n in layouts}
+        budget.short_conv = {n: budget.short_conv[n] for n in layouts}
     return budget
 
 
