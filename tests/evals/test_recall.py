@@ -119,7 +119,7 @@ def test_conv_and_sparse_layouts_get_their_model_settings(tmp_path):
     conv = budget.model_config(budget.layouts["hybrid-7-1-conv"], budget.short_conv["hybrid-7-1-conv"])
     sparse = budget.model_config(budget.layouts["sparse-7-1"])
     assert conv.short_conv == 4 and conv.layer_types == [L] * 7 + [S]
-    assert sparse.layer_types[-1] == "sparse" and (sparse.sparse_block_size, sparse.sparse_top_k) == (16, 2)
+    assert sparse.layer_types[-1] == "sparse" and (sparse.sparse_block_size, sparse.sparse_top_k) == (8, 2)
     with pytest.raises(ValueError, match="layout 'softmax-conv': short_conv=4 applies to lightning layers"):
         make_budget(layouts=["softmax-conv"])
     config = tmp_path / "conv.toml"

@@ -54,7 +54,7 @@ class RecallBudget:
     # layout name -> kernel of the short convolution in its lightning layers (MiniMaxConfig.short_conv); a layout
     # not named here takes its built-in one (layouts.layout_short_conv: 4 for NAME-conv, else none)
     short_conv: dict[str, int] = field(default_factory=dict)
-    sparse_block_size: int = 16  # "sparse" layers (MoBA): key blocks of this many positions ...
+    sparse_block_size: int = 8  # "sparse" layers (MoBA): key blocks of this many positions (T = 64: 8 blocks) ...
     sparse_top_k: int = 2  # ... each query sees its own block causally and this many earlier ones
 
     def __post_init__(self) -> None:
