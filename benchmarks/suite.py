@@ -21,6 +21,13 @@ Rows and how each is measured:
   compile        training step with `torch.compile(model)` vs eager (+ compile time, graph breaks), with
                  `torch._dynamo.config.capture_scalar_outputs = True` for the dropless MoE (minimax_gpt/models/moe.py)
   bf16           training step under bf16 autocast vs fp32
+  nanogpt        the dense training step at nanoGPT's Shakespeare-char CPU recipe (configs/shakespeare_char_cpu.toml:
+                 4 layers, n_embd 128, B12 x T64, vocab 65) against a nanoGPT-architecture reference written here
+                 (benchmarks/nanogpt_ref.py: LayerNorm with bias, GELU MLP 4x, learned positions, tied embeddings,
+                 causal SDPA), each with its own recipe's step: forward, backward, clip at 1.0, AdamW (ours fused as
+                 `training.optim.make_optimizer`; nanoGPT's fused only on CUDA, so foreach here, and also timed with
+                 the fused kernel); per-round ratios and main-thread CPU time beside the wall time
+  nanogpt_compile  the same with `torch.compile` on both models (not in the default suite: compiling takes minutes)
 
 Model FLOPs (the `mfu` row) are counted, not measured: 6 * (active matmul parameters) * tokens, where active means the
 parameters a token multiplies (top-k of E experts, the router, the lm_head whether tied or not; not the embedding
@@ -62,6 +69,7 @@ SUITES = {
     "memory": ["memory"],
     "compile": ["compile"],
     "bf16": ["bf16"],
+    "nanogpt": ["nanogpt", "nanogpt_compile"],
 }
 
 
@@ -480,8 +488,115 @@ def row_bf16(a) -> list[dict]:
                  unit="tokens/s", ours=rate(tok, t["ours"]), peer=rate(tok, t["peer"]), peer_name="ours fp32")]
 
 
+def nanogpt_pair():
+    """(ours, reference) at nanoGPT's Shakespeare-char recipe, each with its recipe's optimizer (module docstring),
+    and the batch. Ours is what `minimax-gpt train --config shakespeare_char_cpu` builds for a 65-character vocab."""
+    from benchmarks.nanogpt_ref import RECIPE, NanoGPTConfig, NanoGPTReference, recipe_optimizer
+    from minimax_gpt.training.optim import make_optimizer
+    from minimax_gpt.training.run_config import load_run_config
+
+    run = load_run_config("shakespeare_char_cpu")
+    phase = run.phases[0]
+    torch.manual_seed(0)
+    ours = EnhancedMiniMaxGPT(run.model_config(vocab_size=65))
+    ref = NanoGPTReference(NanoGPTConfig(vocab_size=65, block_size=phase.seq_len))
+    opt_ours = make_optimizer(ours, run.train, torch.device("cpu"))
+    for g in opt_ours.param_groups:
+        g["lr"] = phase.lr
+    x, y = batch(ours.config, phase.batch_size, phase.seq_len)
+    return (ours, opt_ours, run.train.grad_clip), (ref, recipe_optimizer, RECIPE["grad_clip"]), (x, y)
+
+
+def clipped_step(model, optimizer, grad_clip, x, y, forward):
+    """forward + backward + clip_grad_norm_ + optimizer step + zero_grad: a trainer's step on fixed data."""
+    model.train()
+
+    def step():
+        loss = forward(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def interleaved_cpu(fns: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """`interleaved`, also recording each call's CPU time of this thread (`time.thread_time`): with one thread that
+    leaves out the time the process waited for a core, which on a loaded machine is most of the noise."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fns[n]()
+            cpu[n].append(time.thread_time() - c0)
+            wall[n].append(time.perf_counter() - t0)
+    return wall, cpu
+
+
+def per_round(ours: list[float], peer: list[float]) -> float:
+    """Median over rounds of peer time / our time (> 1: ours faster), each round's two calls back to back."""
+    return statistics.median(p / o for o, p in zip(ours, peer))
+
+
+def _nanogpt_rows(a, compiled: bool) -> list[dict]:
+    (ours, opt_ours, clip_ours), (ref, ref_opt, clip_ref), (x, y) = nanogpt_pair()
+    ref_twin = type(ref)(ref.config)
+    ref_twin.load_state_dict(ref.state_dict())
+    compile_s = {}
+    if compiled:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
+        ours, ref, ref_twin = torch.compile(ours), torch.compile(ref), torch.compile(ref_twin)
+    fns = {"ours": clipped_step(ours, opt_ours, clip_ours, x, y, ours_loss),
+           "nanogpt": clipped_step(ref, ref_opt(ref), clip_ref, x, y, lambda m, x, y: m(x, y)[1]),
+           "nanogpt_fused": clipped_step(ref_twin, ref_opt(ref_twin, fused=True), clip_ref, x, y,
+                                         lambda m, x, y: m(x, y)[1])}
+    if compiled:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            compile_s[name] = round(time.perf_counter() - t0, 1)
+    reps = a.repeats * 4  # a step is ~50 ms: more rounds for the same time
+    wall, cpu = interleaved_cpu(fns, a.warmup + 2, reps)
+    tok = x.numel()
+    mode = "torch.compile on both" if compiled else "eager"
+    rows = []
+    for peer, label in (("nanogpt", "nanoGPT recipe (foreach AdamW on CPU)"),
+                        ("nanogpt_fused", "nanoGPT architecture, fused AdamW as ours")):
+        notes = (f"per round {per_round(wall['ours'], wall[peer]):.2f}x; main-thread CPU time per step "
+                 f"{1e3 * statistics.median(cpu['ours']):.1f} vs {1e3 * statistics.median(cpu[peer]):.1f} ms "
+                 f"(per round {per_round(cpu['ours'], cpu[peer]):.2f}x); {sum(p.numel() for p in ours.parameters()):,}"
+                 f" vs {sum(p.numel() for p in ref.parameters()):,} parameters; target >= 1.2x")
+        if compile_s:
+            notes += f"; first (compiling) step {compile_s['ours']:.0f} s vs {compile_s[peer]:.0f} s"
+        rows.append(dict(row=("nanogpt_compile" if compiled else "nanogpt") + ("" if peer == "nanogpt" else "_fused"),
+                         what=f"dense training step at nanoGPT's Shakespeare-char recipe, {mode}, "
+                              f"B{x.shape[0]} x T{x.shape[1]}", unit="tokens/s",
+                         ours=rate(tok, wall["ours"]), peer=rate(tok, wall[peer]), peer_name=label,
+                         per_round=per_round(wall["ours"], wall[peer]), per_round_cpu=per_round(cpu["ours"], cpu[peer]),
+                         cpu_seconds={"ours": [round(t, 5) for t in cpu["ours"]],
+                                      "peer": [round(t, 5) for t in cpu[peer]]},
+                         notes=notes))
+    return rows
+
+
+def row_nanogpt(a) -> list[dict]:
+    return _nanogpt_rows(a, compiled=False)
+
+
+def row_nanogpt_compile(a) -> list[dict]:
+    return _nanogpt_rows(a, compiled=True)
+
+
 ROWS = {"train": row_train, "train_dense": row_train_dense, "prefill": row_prefill, "decode": row_decode,
-        "generate": row_generate, "mfu": row_mfu, "memory": row_memory, "compile": row_compile, "bf16": row_bf16}
+        "generate": row_generate, "mfu": row_mfu, "memory": row_memory, "compile": row_compile, "bf16": row_bf16,
+        "nanogpt": row_nanogpt, "nanogpt_compile": row_nanogpt_compile}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
