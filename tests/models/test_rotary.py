@@ -83,3 +83,19 @@ def test_adaptive_xpos_warp_and_depth():
     assert xpos.gamma == pytest.approx(200.0)  # scale base doubles from the first to the last layer
     n = torch.tensor([10.0, 50.0, 100.0])
     torch.testing.assert_close(xpos.warp(n), torch.tensor([10.0, 50.0, 50.0 * (1 + torch.log(torch.tensor(2.0)))]))
+
+
+def test_table_rows_equal_the_computed_angles():
+    # the precomputed rows (positions < max_positions, served when the caller bounds the positions) are exactly what
+    # the angles give; beyond the table, without a bound, or with a bound past it, the angles are computed
+    rope = RotaryEmbedding(16, 10000.0, max_positions=64)
+    pos = torch.tensor([[0, 1, 63, 5], [7, 7, 7, 40]])
+    for got, want in zip(rope(pos, bound=64), rope.angles(pos)):
+        assert got.shape == want.shape == (2, 1, 4, 16) and got.dtype == torch.float32
+        assert torch.equal(got, want)
+    far = torch.tensor([[100, 5000]])
+    for got, want in zip(rope(far, bound=5001), rope.angles(far)):
+        assert torch.equal(got, want)
+    for got, want in zip(rope(pos.double().long()), rope.angles(pos)):
+        assert torch.equal(got, want)
+    assert "table" not in rope.state_dict()  # not in checkpoints

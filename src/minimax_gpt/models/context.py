@@ -64,14 +64,12 @@ def _slice_context(B: int, T: int, attention_mask, seq, device) -> ForwardContex
 def causal_mask(T: int, offset: int, key_valid: torch.Tensor | None, device) -> tuple[torch.Tensor | None, bool]:
     """Boolean mask (B or 1, 1, T, S): query t (slot offset+t) sees slots <= its own that hold real tokens.
     A padding query sees itself, so no softmax row is empty (its output is never used)."""
+    if key_valid is None and (offset == 0 or T == 1):  # no mask to build (decoding: one query sees every key)
+        return None, offset == 0
     S = offset + T
     q_idx = offset + torch.arange(T, device=device)  # (T,)
     k_idx = torch.arange(S, device=device)  # (S,)
     if key_valid is None:
-        if offset == 0:
-            return None, True
-        if T == 1:
-            return None, False
         return (k_idx[None, :] <= q_idx[:, None])[None, None], False
     allowed = (k_idx[None, :] <= q_idx[:, None])[None]  # (1, T, S)
     allowed = allowed & (key_valid[:, None, :] | (k_idx[None, None, :] == q_idx[None, :, None]))  # (B, T, S)

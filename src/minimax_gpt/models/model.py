@@ -84,7 +84,7 @@ class EnhancedMiniMaxGPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         uses_rope = config.rotary_dim > 0 and (
             "softmax" in config.layer_types or "sparse" in config.layer_types or config.lightning_use_rope)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta) if uses_rope else None
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.block_size) if uses_rope else None
         self.init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -141,7 +141,7 @@ class EnhancedMiniMaxGPT(nn.Module):
         B, T = input_ids.shape
         ctx = build_context(input_ids, attention_mask, cache, self.sequence_parallel if cache is None else None)
         if self.rotary is not None:
-            ctx.rope = self.rotary(ctx.positions)
+            ctx.rope = self.rotary(ctx.positions, bound=ctx.key_positions.shape[1])  # positions < keys so far
         x = self.wte(input_ids)  # (B, T, C)
         if self.wpe is not None:
             if int(ctx.positions.max()) >= self.config.block_size:

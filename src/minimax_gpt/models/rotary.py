@@ -28,23 +28,38 @@ from torch import nn
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the given positions. Angles are formed in float64 (float32 on devices without it): at
-    position 30k a float32 angle is off by ~2e-3 rad, enough to break the shift invariance of scores."""
+    position 30k a float32 angle is off by ~2e-3 rad, enough to break the shift invariance of scores.
 
-    def __init__(self, rotary_dim: int, theta: float = 10000.0):
+    The rows of positions 0 .. max_positions - 1 are computed once (a non-persistent buffer, in no checkpoint) and a
+    forward whose positions are known to stay below `bound` gathers them: one indexing op instead of about a dozen
+    (issue 21: a decode step runs this once per token). The rows are the same numbers `angles` gives (same
+    arithmetic, tested); positions beyond the table, or no bound, are computed as before."""
+
+    def __init__(self, rotary_dim: int, theta: float = 10000.0, max_positions: int = 0):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.theta = theta
+        table = torch.stack(self.angles(torch.arange(max_positions)[None]), dim=0)[:, 0, 0]  # (2, P, R) cos, sin
+        self.register_buffer("table", table, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T) -> cos, sin (B, 1, T, R) float32, broadcast over heads
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, R) float32, computed from the positions."""
         dtype = torch.float32 if positions.device.type == "mps" else torch.float64
         exponent = torch.arange(0, self.rotary_dim, 2, dtype=dtype, device=positions.device) / self.rotary_dim
         freqs = positions[:, None, :, None].to(dtype) * self.theta ** -exponent  # (B, 1, T, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().float(), emb.sin().float()
 
+    def forward(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, R) float32, broadcast over heads. bound: a number every position
+        is known to be below (the model passes its key count), so the table can serve them without reading them."""
+        if bound is None or bound > self.table.shape[1] or self.table.device != positions.device:
+            return self.angles(positions)
+        cos, sin = self.table.float()[:, positions].unbind(0)  # 2 x (B, T, R)
+        return cos[:, None], sin[:, None]
+
     def extra_repr(self) -> str:
-        return f"rotary_dim={self.rotary_dim}, theta={self.theta}"
+        return f"rotary_dim={self.rotary_dim}, theta={self.theta}, max_positions={self.table.shape[1]}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
