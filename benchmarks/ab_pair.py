@@ -45,11 +45,12 @@ def export(rev: str, name: str, files: list[str]) -> str:
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(dest, filter="data")
     for f in files:
-        rel = Path(f).resolve().relative_to(ROOT)
+        path, _, source = f.partition("=")  # PATH, or PATH=FILE: PATH's content taken from FILE
+        rel = (ROOT / path).resolve().relative_to(ROOT)
         if rel.parts[:2] != ("src", "minimax_gpt"):
             raise ValueError(f"--files takes files of src/minimax_gpt, got {f}")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dest / rel).write_text((ROOT / rel).read_text())
+        (dest / rel).write_text(Path(source).read_text() if source else (ROOT / rel).read_text())
     pkg = dest / name
     (dest / "src" / "minimax_gpt").rename(pkg)
     for f in pkg.rglob("*"):
@@ -152,7 +153,8 @@ def measure(workload: str, rounds: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="HEAD")
-    p.add_argument("--files", nargs="+", required=True, help="working-tree files of the change measured")
+    p.add_argument("--files", nargs="+", required=True, help="working-tree files of the change measured; PATH=FILE takes PATH's new content from FILE "
+                   "(a change laid over the base alone, when the working tree holds other edits to PATH)")
     p.add_argument("--workloads", nargs="+", default=["dense", "moe", "decode"], choices=["dense", "moe", "decode"])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)

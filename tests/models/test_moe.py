@@ -449,3 +449,31 @@ def test_no_grad_few_token_stats_are_deferred_and_equal(masked):
     assert isinstance(replaced, RouterStats) and torch.equal(replaced.load, eager.load)
     aux = moe_aux_losses([deferred], cfg)
     torch.testing.assert_close(aux["load_balance"], moe_aux_losses([eager], cfg)["load_balance"].detach())
+
+
+@pytest.mark.parametrize("kw", [{}, {"moe_top_p": 0.6, "moe_top_k": 3}, {"moe_bias_update_rate": 0.01},
+                                {"moe_layer_scale": True, "moe_top_k": 3}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_token_decoding_path_equals_the_few_token_path(kw, dtype):
+    """One real token without gradients (batch-1 decoding) takes `_forward_one`: its output is bit-identical to the
+    few-token path's (run with gradients enabled), for top-k, top-p (slots not taken), a routing bias and a layer
+    scale; its deferred statistics equal the eager ones; and it matches the per-expert reference."""
+    import dataclasses
+
+    m, cfg = make(dtype=dtype, **kw)
+    m.eval()
+    if m.routing_bias is not None:
+        m.routing_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    calls = []
+    m._forward_one = lambda *a, _f=m._forward_one: calls.append(1) or _f(*a)
+    for seed in range(6):
+        x = torch.randn(1, 1, 16, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        y_few, eager = m(x)  # grad enabled: the few-token path over the (N, k, E) masks
+        with torch.no_grad():
+            y, deferred = m(x)
+        assert torch.equal(y, y_few.detach())
+        for f in dataclasses.fields(RouterStats):
+            torch.testing.assert_close(getattr(deferred, f.name), getattr(eager, f.name).detach(), rtol=0, atol=0)
+        y_ref, _ = moe_forward_reference(m, x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    assert len(calls) == 6

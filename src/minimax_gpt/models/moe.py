@@ -300,20 +300,29 @@ class MoEFeedForward(nn.Module):
         (for N this small a matmul costs what one row costs: reading the expert's weights), and its output is weighted
         by each token's combine weight for it, 0 where the token did not choose it (or is padding). No sort, gather
         or scatter: about fifteen ops plus eight per used expert, one host sync (which experts are used), and only
-        the used experts' weights are read. Summed in expert order, as `moe_forward_reference`."""
+        the used experts' weights are read. Summed in expert order, as `moe_forward_reference`.
+        One real token without gradients (batch-1 decoding) reads its k experts and weights straight from the routing
+        instead (`_forward_one`: the same sums, bit-identical, tests/models/test_moe.py)."""
         E, C = self.num_experts, xf.shape[1]
-        chosen = top_i[..., None] == torch.arange(E, device=xf.device)  # (N, k, E)
-        if valid is not None:
-            chosen = chosen & valid[:, None, None]  # pads choose nothing
-        combine = (top_w[..., None] * chosen).sum(1)  # (N, E) fp32 combine weight of each expert for each token
-        counts = chosen.sum((0, 1), dtype=torch.float32)  # (E,) selections per expert
-        y = None
-        for e in torch.nonzero(counts).flatten().tolist():  # host sync: the used experts
-            out = self.expert(e, xf)  # (N, C)
-            w = combine[:, e, None]  # (N, 1)
-            # where, not a product: a row that did not choose e adds an exact 0 even if e overflowed on it (fp16)
-            out = torch.where(w > 0, out * w.to(out.dtype), 0.0)
-            y = out if y is None else y + out
+
+        def chosen_counts():
+            chosen = top_i[..., None] == torch.arange(E, device=xf.device)  # (N, k, E)
+            if valid is not None:
+                chosen = chosen & valid[:, None, None]  # pads choose nothing
+            return chosen, chosen.sum((0, 1), dtype=torch.float32)  # (E,) selections per expert
+
+        if xf.shape[0] == 1 and valid is None and not torch.is_grad_enabled():
+            y, counts = self._forward_one(xf, top_w, top_i), None
+        else:
+            chosen, counts = chosen_counts()
+            combine = (top_w[..., None] * chosen).sum(1)  # (N, E) fp32 combine weight of each expert for each token
+            y = None
+            for e in torch.nonzero(counts).flatten().tolist():  # host sync: the used experts
+                out = self.expert(e, xf)  # (N, C)
+                w = combine[:, e, None]  # (N, 1)
+                # where, not a product: a row that did not choose e adds an exact 0 even if e overflowed on it (fp16)
+                out = torch.where(w > 0, out * w.to(out.dtype), 0.0)
+                y = out if y is None else y + out
         if y is None:  # every token is padding
             y = xf.new_zeros(xf.shape)
         if self.layer_scale is not None:
@@ -321,9 +330,21 @@ class MoEFeedForward(nn.Module):
 
         def stats() -> RouterStats:
             n_valid = valid.sum() if valid is not None else torch.tensor(xf.shape[0], device=xf.device)
-            return _make_stats(self, logits, probs, counts, counts, valid, n_valid)
+            c = chosen_counts()[1] if counts is None else counts
+            return _make_stats(self, logits, probs, c, c, valid, n_valid)
 
         return y.view(B, T, C), stats() if torch.is_grad_enabled() else _DeferredRouterStats.deferred(stats)
+
+    def _forward_one(self, xf, top_w, top_i):
+        """xf (1, C), one real token: the sum over its chosen experts, in expert order, of expert(e, x) * weight, as
+        `_forward_few` computes it for that row, without the (N, k, E) masks: one host sync for the token's experts
+        and weights. A slot not taken (top-p, index E) or a weight of 0 adds nothing (there: an exact 0)."""
+        ids, weights = top_i[0].tolist(), top_w[0].tolist()  # host sync
+        y = None
+        for e, j in sorted((e, j) for j, e in enumerate(ids) if e < self.num_experts and weights[j] > 0):
+            out = self.expert(e, xf) * top_w[:, j, None].to(xf.dtype)  # (1, C)
+            y = out if y is None else y + out
+        return y
 
     # ------------------------------------------------------------------------------------------------------------
     def _impl(self, x: torch.Tensor, n_assignments: int) -> str:
