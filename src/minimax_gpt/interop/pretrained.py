@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ class SafetensorsReader:
         self._handles: dict[str, object] = {}
         if self.file_of is None:
             self.file_of = {name: WEIGHTS_NAME for name in self._open(WEIGHTS_NAME).keys()}
+        self.stored = {current_name(name): name for name in self.file_of}  # name -> its name in the file
+        self.file_of = {name: self.file_of[old] for name, old in self.stored.items()}
 
     def _open(self, filename: str):
         if filename not in self._handles:
@@ -72,10 +75,10 @@ class SafetensorsReader:
         return set(self.file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+        return tuple(self._open(self.file_of[name]).get_slice(self.stored[name]).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self.file_of[name]).get_tensor(name)
+        return self._open(self.file_of[name]).get_tensor(self.stored[name])
 
     def close(self) -> None:
         self._stack.close()
@@ -86,6 +89,23 @@ class SafetensorsReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Checkpoints written before a MoE layer's experts became a submodule name them `blocks.N.mlp.w1` (now
+# `blocks.N.mlp.experts.w1`), also inside longer keys (a DCP checkpoint's `model.blocks.N.mlp.w1`,
+# `optim.state.blocks.N.mlp.w1.exp_avg`).
+_LEGACY_EXPERT = re.compile(r"(blocks\.\d+\.mlp)\.(w[123])(?=$|\.(?!weight))")
+_CURRENT_EXPERT = re.compile(r"(blocks\.\d+\.mlp)\.experts\.(w[123])(?=$|\.(?!weight))")
+
+
+def current_name(name: str) -> str:
+    """A stored name as this version of the model names it (a legacy expert weight's name moves under `experts`)."""
+    return _LEGACY_EXPERT.sub(r"\1.experts.\2", name)
+
+
+def legacy_name(name: str) -> str:
+    """The inverse of `current_name`: the name a checkpoint written before the experts submodule uses."""
+    return _CURRENT_EXPERT.sub(r"\1.\2", name)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimax_gpt.config import MiniMaxConfig
+from minimax_gpt.models.experts import Experts, diversity_from_gram, expert_gram, swiglu
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
 LOOP_MAX_ASSIGNMENTS = 64  # "auto" dispatch: up to this many (token, expert) assignments take the few-token path
@@ -145,9 +146,7 @@ class MoEFeedForward(nn.Module):
         self.layer_scale_init = config.moe_layer_scale_init
         C, I = config.n_embd, config.intermediate_size
         self.gate = nn.Linear(C, E, bias=False)
-        self.w1 = nn.Parameter(torch.empty(E, I, C))
-        self.w3 = nn.Parameter(torch.empty(E, I, C))
-        self.w2 = nn.Parameter(torch.empty(E, C, I))
+        self.experts = Experts(E, C, I)  # w1, w3 (E, I, C), w2 (E, C, I): read as self.w1, self.w3, self.w2
         self.layer_scale = nn.Parameter(torch.empty(C)) if config.moe_layer_scale else None
         # aux-loss-free balancing: added to the probabilities for selection only; a persistent buffer (checkpointed),
         # moved by `update_routing_bias`, never by gradients. Absent when off, so other models' state is unchanged.
@@ -158,6 +157,12 @@ class MoEFeedForward(nn.Module):
         # rows to the ranks holding their experts and brings the outputs back; None runs every expert here.
         self.expert_parallel = None
         self.init_weights(config.init_std, config.init_std)
+        self._register_load_state_dict_pre_hook(_rename_legacy_expert_keys)
+
+    # the experts' weights, wherever expert parallelism placed them (the layer's kernels read them directly)
+    w1 = property(lambda self: self.experts.w1)
+    w3 = property(lambda self: self.experts.w3)
+    w2 = property(lambda self: self.experts.w2)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -267,9 +272,10 @@ class MoEFeedForward(nn.Module):
             keep = keep & (rank < cap)
 
         impl = "remote" if self.expert_parallel is not None else self._impl(x, A)
+        diversity = None  # computed by _make_stats, except under expert parallelism (the experts are on other ranks)
         if impl == "remote":  # expert parallelism: every rank sends each kept row to its expert's rank
             xs, maps = self._sorted_rows(xf, order, keep)
-            out_rows = self.expert_parallel.run(self, xs, e_sorted, keep)
+            out_rows, diversity = self.expert_parallel.run(self, xs, e_sorted, keep)
         elif impl == "grouped_mm":
             out_rows, maps = self._experts_grouped(xf, order, e_sorted, keep)
         elif impl == "loop":
@@ -286,7 +292,7 @@ class MoEFeedForward(nn.Module):
 
         kept = torch.zeros(E + 1, dtype=torch.float32, device=x.device).scatter_add_(
             0, e_sorted, keep.float())[:E]
-        stats = _make_stats(self, logits, probs, counts[:E].float(), kept, valid, n_valid)
+        stats = _make_stats(self, logits, probs, counts[:E].float(), kept, valid, n_valid, diversity)
         return y, stats
 
     def _few_assignments(self, n_assignments: int) -> bool:
@@ -403,10 +409,8 @@ class MoEFeedForward(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on rows x (n, C) -> (n, C), in x's dtype (one expert at a time: the few-token and loop
-        dispatches, and expert parallelism's local experts)."""
-        dt = x.dtype
-        h = F.silu(F.linear(x, self.w1[e].to(dt))) * F.linear(x, self.w3[e].to(dt))  # (n, I)
-        return F.linear(h, self.w2[e].to(dt))
+        dispatches)."""
+        return swiglu(x, self.w1[e], self.w3[e], self.w2[e])
 
     def _sorted_rows(self, xf, order, keep):
         """One row per sorted assignment, (A, C): the token's input, or zero for a dropped or pad assignment."""
@@ -520,18 +524,16 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, C: int, I: in
 
 
 def expert_diversity(module: MoEFeedForward) -> torch.Tensor:
-    """Mean squared off-diagonal cosine similarity between the experts' flattened weights [w1 | w3 | w2], in fp32.
+    """Mean squared off-diagonal cosine similarity between the experts' flattened weights [w1 | w3 | w2], in fp32
+    (models/experts.py): 0 when the experts are mutually orthogonal, 1 when all are identical (or sign-flipped)."""
+    return diversity_from_gram(expert_gram((module.w1, module.w3, module.w2)))
 
-    0 when the experts are mutually orthogonal, 1 when all are identical (or sign-flipped). Built from per-matrix
-    Gram matrices, so no copy of the expert weights is made (for fp32 weights)."""
-    E = module.num_experts
-    if E < 2:
-        return module.w1.new_zeros((), dtype=torch.float32)
-    gram = sum(w.reshape(E, -1).float() @ w.reshape(E, -1).float().t() for w in (module.w1, module.w3, module.w2))
-    norm = torch.diagonal(gram).clamp(min=1e-12).sqrt()  # (E,)
-    cos = gram / (norm[:, None] * norm[None, :])  # (E, E)
-    off = 1 - torch.eye(E, dtype=cos.dtype, device=cos.device)  # a mask product, not cos[mask]: no data-dependent shape
-    return (cos * off).pow(2).sum() / (E * (E - 1))
+
+def _rename_legacy_expert_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints from before the experts became a submodule name their weights `...w1`, not `...experts.w1`."""
+    for name in ("w1", "w3", "w2"):
+        if prefix + name in state_dict and prefix + "experts." + name not in state_dict:
+            state_dict[prefix + "experts." + name] = state_dict.pop(prefix + name)
 
 
 def _top_p_taken(top_p: torch.Tensor, p: float) -> torch.Tensor:
@@ -542,8 +544,8 @@ def _top_p_taken(top_p: torch.Tensor, p: float) -> torch.Tensor:
     return before < p
 
 
-def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterStats:
-    """valid (N,) bool, or None when every token is real."""
+def _make_stats(module, logits, probs, counts, kept, valid, n_valid, diversity=None) -> RouterStats:
+    """valid (N,) bool, or None when every token is real; diversity: already computed (expert parallelism)."""
     z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
     if valid is not None:
         vf = valid.float()
@@ -555,7 +557,8 @@ def _make_stats(module, logits, probs, counts, kept, valid, n_valid) -> RouterSt
         z_sum=z.sum(),
         num_tokens=n_valid.float(),
         # The Gram matrix costs E^2 / (tokens * k) of the experts' forward: computed only when it is trained.
-        diversity=expert_diversity(module) if module.diversity_grad else probs.new_zeros(()),
+        diversity=(probs.new_zeros(()) if not module.diversity_grad else expert_diversity(module)
+                   if diversity is None else diversity),
         load=(counts / total).detach(),
         dropped_fraction=probs.new_zeros(()) if kept is counts else ((counts - kept).sum() / total).detach(),
     )

@@ -72,8 +72,8 @@ class DistContext:
     dp_replicate: int = 1
     dp_shard: int = 1
     sp: int = 1
-    ep: int = 1  # expert-parallel group size (groups of ep consecutive ranks; not a mesh dimension)
-    ep_group: Any = None
+    ep: int = 1  # expert-parallel group size (groups of ep consecutive ranks; not a dimension of `mesh`)
+    expert_mesh: Any = None  # (ep_dp, ep): ranks holding the same experts x one expert-parallel group
     mesh: Any = None
 
     @property
@@ -135,8 +135,13 @@ def resolve_degrees(parallel: str, degrees: dict[str, int] | None, world_size: i
     if ep > 1:
         resolved["ep"] = ep
     if parallel != "none":
+        if ep > 1 and parallel == "ddp":
+            raise ValueError(f"parallel.ep = {ep} shards the experts with FSDP2, which DDP cannot hold: use "
+                             "--train.parallel fsdp, or the [parallel] degrees (ep alone means dp_shard = -1)")
         return parallel, resolved
     r, s = resolved["dp_replicate"], resolved["dp_shard"]
+    if ep > 1:  # FSDP2 over every rank (dp_shard x sp) holds the experts' shards: never DDP
+        return ("hsdp" if r > 1 else "fsdp"), resolved
     # parameters are replicated over any other dimension (sequence parallelism): DDP averages their gradients
     return ("hsdp" if r > 1 and s > 1 else "fsdp" if s > 1 else "ddp" if world_size > 1 else "none"), resolved
 
@@ -173,13 +178,18 @@ def setup(parallel: str, device_name: str = "auto", degrees: dict[str, int] | No
     dims = {k: v for k, v in resolved.items() if k != "ep"}
     mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
     ep = resolved.get("ep", 1)
-    ep_group = None if ep == 1 else dist.group.WORLD if ep == world_size else dist.new_subgroups(ep)[0]
+    expert_mesh = None
+    if ep > 1:  # not a slice of `mesh`: ep borrows data-parallel ranks, the ep ranks of a group are consecutive
+        from torch.distributed.device_mesh import DeviceMesh
+
+        expert_mesh = DeviceMesh(device.type, torch.arange(world_size).view(world_size // ep, ep),
+                                 mesh_dim_names=("ep_dp", "ep"))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank != 0:
         logging.getLogger("minimax_gpt").setLevel(logging.WARNING)
     return DistContext(parallel=mode, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                        dp_replicate=resolved["dp_replicate"], dp_shard=resolved["dp_shard"],
-                       sp=resolved.get("sp", 1), ep=ep, ep_group=ep_group, mesh=mesh)
+                       sp=resolved.get("sp", 1), ep=ep, expert_mesh=expert_mesh, mesh=mesh)
 
 
 def _rank_device(mode: str, device_name: str, local_rank: int) -> torch.device:
@@ -408,8 +418,8 @@ def apply_sequence_parallel(model: nn.Module, ctx: DistContext) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, ctx: DistContext) -> None:
-    """Run each MoE layer's experts spread over the ep group (minimax_gpt.parallel.expert): the layers send their
-    kept rows to the experts' ranks and back. A no-op for ep = 1."""
+    """Keep E / ep of each MoE layer's experts on each rank of an ep group (minimax_gpt.parallel.expert): the layers
+    send their kept rows to the experts' ranks and back. A no-op for ep = 1."""
     if ctx.ep == 1:
         return
     if not model.config.use_moe:
@@ -419,7 +429,7 @@ def apply_expert_parallel(model: nn.Module, ctx: DistContext) -> None:
 
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
-            module.expert_parallel = ExpertParallel(ctx.ep_group, module.num_experts)
+            ExpertParallel.install(module, ctx.expert_mesh["ep"])
 
 
 def _shard_mesh(ctx: DistContext):
@@ -439,6 +449,10 @@ def _data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         mesh = _shard_mesh(ctx)
+        if ctx.ep > 1:
+            from minimax_gpt.parallel.expert import fully_shard_experts
+
+            fully_shard_experts(model, ctx.expert_mesh["ep_dp"], ctx.world_size)
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -27,36 +27,10 @@ own; its reference is the single-process op over the whole sequence (tests/paral
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.distributed as dist
 
-# bytes each kind of layer sent in collectives since the last reset (forward and backward), for tests and benchmarks
-SENT_BYTES: Counter = Counter()
-# torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; the package supports torch >= 2.4
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class _AllGather(torch.autograd.Function):
-    """(...) on each of the group's W ranks -> (W, ...) stacked in rank order. Backward: the ranks' gradients of the
-    stacked tensor are summed (all-reduce) and each rank keeps its own slot."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group, kind: str) -> torch.Tensor:
-        ctx.group, ctx.kind = group, kind
-        W = dist.get_world_size(group)
-        out = x.new_empty(W * x.numel())
-        _all_gather(out, x.reshape(-1), group=group)
-        SENT_BYTES[kind] += x.numel() * x.element_size()
-        return out.view(W, *x.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        SENT_BYTES[ctx.kind] += grad.numel() * grad.element_size()
-        return grad[dist.get_rank(ctx.group)], None, None
+from minimax_gpt.parallel.collectives import SENT_BYTES, AllGather, all_gather_flat
 
 
 def slice_memory(k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
@@ -103,14 +77,14 @@ class SequenceParallel:
         """Learn every rank's slice length; returns this rank's offset."""
         mine = torch.tensor([T], dtype=torch.long, device=device)
         every = mine.new_empty(self.size)
-        _all_gather(every, mine, group=self.group)
+        all_gather_flat(every, mine, group=self.group)
         self.lengths = every.tolist()
         return self.offset
 
     def lightning_state(self, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: torch.Tensor | None = None) -> torch.Tensor:
         """The state (B, H, D, Dv) entering this rank's slice, from every rank's slice memory (one all-gather)."""
-        memories = _AllGather.apply(slice_memory(k, v, slopes), self.group, "lightning")  # (W, B, H, D, Dv)
+        memories = AllGather.apply(slice_memory(k, v, slopes), self.group, "lightning")  # (W, B, H, D, Dv)
         return fold_states(memories, self.lengths, slopes, self.rank, initial_state)
 
     def gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +94,7 @@ class SequenceParallel:
             raise ValueError(f"softmax layers under sequence parallelism need equal slices; got {self.lengths}")
         end = self.offset + k.shape[2]
         kv = torch.stack((k, v))  # (2, B, Hkv, C, D): one collective for both
-        every = _AllGather.apply(kv, self.group, "softmax")  # (W, 2, B, Hkv, C, D)
+        every = AllGather.apply(kv, self.group, "softmax")  # (W, 2, B, Hkv, C, D)
         every = every.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[:, :, :, :end]  # (2, B, Hkv, end, D)
         return every[0], every[1]
 

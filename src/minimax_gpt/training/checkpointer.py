@@ -41,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from minimax_gpt.parallel.expert import quiet_redistribution
 from minimax_gpt.training import safe_dcp
 from minimax_gpt.atomic import fresh_sibling, replace_directory
 from minimax_gpt.training.checkpoint import (CHECKPOINTS_DIR, RUN_CONFIG_NAME, TOKENIZER_DIR, TRAINER_STATE_NAME,
@@ -113,8 +114,9 @@ class Checkpointer:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR),
                      no_dist=not dctx.enabled)
-        full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-                if dctx.enabled else model.state_dict())
+        with quiet_redistribution():  # expert parallelism's 2-D expert weights
+            full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                    if dctx.enabled else model.state_dict())
         if dctx.is_main:
             write_weights(model.config, full, tmp)
             if tokenizer is not None:

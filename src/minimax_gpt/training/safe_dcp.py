@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from minimax_gpt.interop.pretrained import current_name, legacy_name
+
 METADATA_NAME = ".metadata"
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -125,10 +127,17 @@ def load(state_dict: dict, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     try:
+        reader = SafeFileSystemReader(directory)
+        request = state_dict
+        if any(current_name(key) != key for key in reader._metadata.state_dict_metadata):  # written before 0b
+            request = _renamed(state_dict, legacy_name)  # the same tensors (read in place) under the old names
         with warnings.catch_warnings():  # one process is the intent: no "torch.distributed is disabled" warning
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(directory),
+            dcp.load(request, storage_reader=reader, planner=SafeLoadPlanner(directory),
                      no_dist=not (dist.is_available() and dist.is_initialized()))
+        if request is not state_dict:  # non-tensor items (param_groups) were replaced: bring them back renamed
+            state_dict.clear()
+            state_dict.update(_renamed(request, current_name))
     except CheckpointException as e:
         failures = [exc for exc, _traceback in e.failures.values()]  # (exception, stack summary) per rank
         cause = failures[0] if failures else e
@@ -136,6 +145,16 @@ def load(state_dict: dict, directory: str | os.PathLike) -> None:
             raise type(cause)(str(cause)) from None
         raise ValueError(f"{directory}: could not load the distributed checkpoint ({type(cause).__name__}: "
                          f"{refusal_reason(cause)})") from None
+
+
+def _renamed(obj, rename):
+    """A copy of nested dicts and lists with every string (dict keys, parameter names in param_groups) renamed;
+    tensors and other leaves are the same objects."""
+    if isinstance(obj, dict):
+        return {rename(k) if isinstance(k, str) else k: _renamed(v, rename) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_renamed(v, rename) for v in obj]
+    return rename(obj) if isinstance(obj, str) else obj
 
 
 def refusal_reason(e: BaseException) -> str:

@@ -53,7 +53,7 @@ from minimax_gpt.training.evaluation import evaluate, evaluate_checkpoint
 from minimax_gpt.training.faults import BadStepTracker, GracefulStop
 from minimax_gpt.training.metrics import MetricsLog, moe_figures, plot_losses
 from minimax_gpt.models.model import EnhancedMiniMaxGPT
-from minimax_gpt.training.optim import apply_freeze, count_params, make_optimizer
+from minimax_gpt.training.optim import apply_freeze, clip_grad_norm, count_params, make_optimizer
 from minimax_gpt.training.run_config import PhaseConfig, RunConfig, TrainConfig, load_run_config
 
 __all__ = ["PhaseConfig", "RunConfig", "TrainConfig", "Trainer", "apply_freeze", "autocast_context",
@@ -489,9 +489,9 @@ def _train_step(model, optimizer, scaler, data, data_gen, phase: PhaseConfig, tc
     params = [p for p in model.parameters() if p.grad is not None]
     if tc.grad_clip > 0:
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+        grad_norm = float(clip_grad_norm(params, tc.grad_clip))
     else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+        grad_norm = float(clip_grad_norm(params, 0.0))
         if scaler.is_enabled():
             grad_norm /= scaler.get_scale()
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
