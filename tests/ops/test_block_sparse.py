@@ -12,6 +12,7 @@ from minimax_gpt.ops.block_sparse import (
     block_sparse_attention_naive,
     select_blocks,
 )
+from minimax_gpt.ops.block_sparse_tiles import _buckets, _query_split, block_sparse_tiles, plan_tiles
 
 
 def qkv(B, H, Hkv, T, D, dtype=torch.float64, seed=0):
@@ -44,6 +45,74 @@ def test_fast_path_equals_reference_outputs_and_gradients(name, kernel):
     for g_fast, g_ref, n in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad),
                                 "qkv"):
         torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10, msg=f"d{n}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("call_cost", [0, 64, 10**9])  # a bucket per distinct count, a few, one for all tiles
+@pytest.mark.parametrize("kernel", ["fused", "bmm"])
+def test_any_bucketing_and_query_split_equals_reference(kernel, call_cost, threads):
+    # tiles of up to 616 queries (block 0 is chosen by most): on two threads a bucket of 4 such tiles (call_cost 64)
+    # runs as 2 chunks of 308 each, and a bucket of one tile is always split
+    B, H, Hkv, T, D, block, top_k = 1, 2, 1, 1203, 4, 64, 4
+    q, k, v = qkv(B, H, Hkv, T, D)
+    ref = block_sparse_attention_naive(q, k, v, block, top_k)
+    selected = select_blocks(q, block_means(k, block), (torch.arange(T) // block)[None], top_k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = block_sparse_tiles(q, k, v, selected, block, D ** -0.5, kernel == "fused", call_cost=call_cost)
+        grad = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    for g_fast, g_ref, n in zip(grads, torch.autograd.grad(ref, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10, msg=f"d{n}")
+
+
+def test_plan_puts_every_chosen_pair_in_its_own_slot_of_its_tile():
+    B, H, T, block, top_k = 2, 3, 50, 5, 3
+    q, k, _ = qkv(B, H, H, T, 4)
+    selected = select_blocks(q, block_means(k, block), (torch.arange(T) // block)[None], top_k)  # (B, H, T, K)
+    plan = plan_tiles(selected, block, call_cost=8)
+    R, P = B * H, plan.rows.numel()
+    choice = selected.permute(2, 0, 1, 3).reshape(T * R, top_k)  # (T * R, K), query row t * R + r
+    slots = plan.pair_slots.t()  # (T * R, K)
+    chosen = choice >= 0
+    assert torch.equal(slots[~chosen], torch.full_like(slots[~chosen], P))  # no choice: the extra zero slot
+    used = slots[chosen]
+    assert used.unique().numel() == used.numel()  # one slot per pair
+    rows = torch.arange(T * R)[:, None].expand(T * R, top_k)[chosen]
+    assert torch.equal(plan.rows[used], rows) and torch.equal(plan.lse_rows[used], rows)
+    padding = torch.ones(P, dtype=torch.bool)
+    padding[used] = False
+    assert torch.equal(plan.lse_rows[padding], torch.full_like(plan.lse_rows[padding], T * R))
+    # the slot's bucket tile is (block, row) of the pair
+    tile_of_slot = torch.empty(P, dtype=torch.long)
+    for nb, L, first, g0 in plan.buckets:
+        assert L % 8 == 0
+        tile_of_slot[first : first + nb * L] = plan.tiles[g0 : g0 + nb].repeat_interleave(L)
+    assert first + nb * L == P
+    assert torch.equal(tile_of_slot[used], (choice * R + torch.arange(T * R)[:, None] % R)[chosen])
+    assert torch.equal(plan.tile_places[plan.tiles], torch.arange(plan.tiles.numel()))
+
+
+def test_buckets_minimise_padding_plus_call_cost():
+    counts = [0, 100, 90, 10, 9, 0, 8]
+    assert _buckets(counts, call_cost=0, max_slots=None) == [([1], 104), ([2], 96), ([3], 16), ([4], 16), ([6], 8)]
+    assert _buckets(counts, call_cost=50, max_slots=None) == [([1, 2], 104), ([3, 4, 6], 16)]
+    assert _buckets(counts, call_cost=10**6, max_slots=None) == [([1, 2, 3, 4, 6], 104)]
+    assert _buckets(counts, call_cost=10**6, max_slots=250) == [([1, 2], 104), ([3, 4, 6], 16)]  # 2 x 100 <= 250
+    assert _buckets(counts, call_cost=10**6, max_slots=50) == [([1], 104), ([2], 96), ([3, 4, 6], 16)]
+
+
+def test_query_split_gives_every_call_two_parallel_items_and_long_chunks():
+    assert _query_split(1, 8, threads=1) == 2  # a single (batch, head) would run its products multithreaded
+    assert _query_split(1, 8, threads=2) == 2
+    assert _query_split(3, 8, threads=2) == 1
+    assert _query_split(1, 4096, threads=2) == 8  # 8 chunks of 512
+    assert _query_split(1, 768, threads=2) == 2  # chunks of >= 256 only
+    assert _query_split(16, 4096, threads=2) == 1  # 16 tiles already feed 4 chunks per thread
 
 
 def test_float32_fast_path_close_to_reference():

@@ -2,114 +2,189 @@
 
 Given each query's chosen earlier blocks, the work is cut into tiles:
   - own blocks: one block-diagonal causal attention, every block of block_size queries against its own keys;
-  - chosen blocks: for each key block j, the queries (of every row) that chose it, against its block_size keys,
-    unmasked (every key of an earlier block precedes the query).
+  - chosen blocks: for each key block j and row r (batch and head), the queries that chose it, against its
+    block_size keys, unmasked (every key of an earlier block precedes the query). Tiles with similar numbers of
+    queries share a bucket, which runs as one batched call: nb tiles, each padded to the bucket's largest count L
+    (`plan_tiles` picks the buckets that minimise padded work plus a fixed cost per call).
 Each tile returns its output and log-sum-exp; a query's tiles are merged by their log-sum-exps. The backward gives
 each tile the query's final output and log-sum-exp, which makes the tile's FlashAttention backward (P = exp(S - lse),
-dS = P * (dP - rowsum(dO * O))) the exact gradient of the merged result; nothing quadratic is saved.
+dS = P * (dP - rowsum(dO * O))) the exact gradient of the merged result; nothing quadratic is saved. A padding slot
+reads some real query and gets lse = +inf in the backward, so P = 0 there and it adds nothing to any gradient.
+
+The plan (which pair runs in which slot) is made once per forward, by sorting, with no loop over blocks, and reused
+by the backward. A forward+backward runs about 60 large operations plus about 12 per bucket, whatever the number of
+blocks: on a shared CPU every operation is a parallel region that waits for its slowest thread, so few and large
+regions keep two threads useful where many small ones would not. Gathers of whole blocks use indexing, and long
+tiles are split into chunks (`_query_split`), to avoid two slow cases of PyTorch's CPU kernels on two threads.
 
 Tensors are kept token-major, (T, R, D) with R = B * H rows, the memory layout of the projections' (B, T, H, D)
-output and of PyTorch's CPU FlashAttention kernel, so that its inputs and outputs need no transposing copies.
-A tile runs through that kernel ("fused", CPU) or through matmuls (any device).
+output and of PyTorch's CPU FlashAttention kernel. A tile runs through that kernel ("fused", CPU) or through matmuls
+(any device).
 
 Shapes: B batch, H query heads, Hkv key/value heads, T tokens, D head dim, K choices per query, R = B * H,
-N = ceil(T / block_size) blocks, n queries in a tile.
+N = ceil(T / block_size) blocks, Nc = T // block_size complete blocks (the only ones a query can choose),
+G = Nc * R (block, row) tiles, P pair slots of all buckets, nb tiles in a bucket, L slots per tile in a bucket.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def block_sparse_tiles(q, k, v, selected: torch.Tensor, block_size: int, scale: float, fused: bool) -> torch.Tensor:
-    """q (B, H, T, D), k/v (B, Hkv, T, D), selected (B, H, T, K) from `select_blocks` (-1: none) -> (B, H, T, D)."""
-    groups = _group_by_block(selected, block_size)
-    return _BlockSparse.apply(q, k, v, groups, block_size, selected.shape[-1], scale, fused)
+@dataclass
+class TilePlan:
+    """Where each (query row, chosen block) pair runs. Tile g = j * R + r holds the queries of row r that chose
+    block j; buckets lie one after another in P slots, bucket b's tiles as (nb, L), slot (i, c) the c-th query of
+    its i-th tile. A padding slot reads query row 0 (`rows`) and the extra log-sum-exp row T * R (`lse_rows`)."""
+    rows: torch.Tensor  # (P,) query row t * R + r of each slot
+    lse_rows: torch.Tensor  # (P,) as rows, T * R for padding
+    pair_slots: torch.Tensor  # (K, T * R) the slot of each query row's k-th choice; P (an extra zero slot) for none
+    tiles: torch.Tensor  # (n_tiles,) the buckets' tiles g one after another
+    tile_places: torch.Tensor  # (G,) each tile's place in `tiles`; n_tiles if no query chose it
+    buckets: list[tuple[int, int, int, int]]  # (nb, L, first slot, first place in `tiles`)
 
 
-def _group_by_block(selected: torch.Tensor, block_size: int) -> list[torch.Tensor]:
-    """For each key block j, the (query, choice) pairs that chose it: 2 N tensors (n_j, R), for each j the flat pair
-    indices (t * K + slot) * R + r into the token-major (T, K, R) choices, then the flat query rows t * R + r into
-    (T, R); padded with the dummy pair T * K * R (query row T * R) where a row has fewer than n_j pairs. A query
-    chooses a block at most once."""
+def block_sparse_tiles(q, k, v, selected: torch.Tensor, block_size: int, scale: float, fused: bool,
+                       call_cost: int | None = None) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, Hkv, T, D), selected (B, H, T, K) from `select_blocks` (-1: none) -> (B, H, T, D).
+    call_cost: the padding slots one more bucket is worth. None: 2 ** 19 // block_size on one thread (1,024 at block
+    512), 2 ** 23 // block_size on more (16,384: each of a bucket's dozen parallel regions waits for the slowest
+    thread, which on a shared CPU costs more than padding; measured at 32k on two busy cores, 11 buckets with 13%
+    padding ran 7.0 s where 38 buckets with 3% ran 8.4 s, while one thread gained 7% from the 38)."""
+    if call_cost is None:
+        call_cost = (2 ** 19 if torch.get_num_threads() == 1 else 2 ** 23) // block_size
+    max_slots = None if fused else max(1, 2 ** 25 // block_size)  # matmul tiles hold (nb, L, bs) scores
+    plan = plan_tiles(selected, block_size, call_cost, max_slots)
+    return _BlockSparse.apply(q, k, v, plan, block_size, scale, fused)
+
+
+def plan_tiles(selected: torch.Tensor, block_size: int, call_cost: int, max_slots: int | None = None) -> TilePlan:
+    """The buckets and slots for `selected` (B, H, T, K). A bucket's cost is nb * L slots plus call_cost; max_slots
+    caps nb * L (a bucket of one tile is always allowed)."""
     B, H, T, K = selected.shape
-    R, N, device = B * H, -(-T // block_size), selected.device
-    pair_block = selected.reshape(R, T * K)
-    pair_block = pair_block.masked_fill(pair_block < 0, N)  # "no block" sorts last
-    order = pair_block.argsort(dim=-1, stable=True)  # (R, T*K): pair indices t * K + slot, grouped by block
-    counts = torch.zeros(R, N + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(1, pair_block, torch.ones_like(pair_block))  # (R, N + 1)
-    starts = counts.cumsum(dim=1) - counts
-    rows = torch.arange(R, device=device)[:, None]
-    groups = []
-    for j, n in enumerate(counts[:, :N].amax(dim=0).tolist()):
-        slot = starts[:, j : j + 1] + torch.arange(n, device=device)  # (R, n)
-        pair = order.gather(1, slot.clamp_max(max(T * K - 1, 0)))  # (R, n) t * K + slot
-        pad = slot >= starts[:, j : j + 1] + counts[:, j : j + 1]
-        groups.append((pair * R + rows).masked_fill(pad, T * K * R).t().contiguous())  # (n, R)
-        groups.append((pair // max(K, 1) * R + rows).masked_fill(pad, T * R).t().contiguous())  # (n, R)
-    return groups
+    R, Nc, device = B * H, T // block_size, selected.device
+    choice = selected.reshape(R, T * K)  # pair p = t * K + k of row r
+    choice = choice.masked_fill(choice < 0, Nc)  # "no block" sorts last
+    block, order = choice.sort(dim=1, stable=True)  # (R, T * K) pairs grouped by block, in query order within one
+    counts = torch.zeros(R, Nc + 1, dtype=torch.long, device=device).scatter_add_(1, choice, torch.ones_like(choice))
+    starts = counts.cumsum(1) - counts  # (R, Nc + 1)
+    buckets_cpu = _buckets(counts[:, :Nc].t().flatten().tolist(), call_cost, max_slots)  # tile g = j * R + r
+    n_tiles = sum(len(ids) for ids, _ in buckets_cpu)
+    base, places, buckets, first, place = [0] * (Nc * R), [n_tiles] * (Nc * R), [], 0, 0
+    for ids, L in buckets_cpu:
+        for i, g in enumerate(ids):
+            base[g], places[g] = first + i * L, place + i
+        buckets.append((len(ids), L, first, place))
+        first, place = first + len(ids) * L, place + len(ids)
+    # slot of the pair in sorted place s of row r: base[g] + s - starts[r, j]; "no block": slot P, past the last bucket
+    base = torch.tensor(base + [first] * R, dtype=torch.long, device=device).view(Nc + 1, R).t() - starts
+    slot = base.gather(1, block) + torch.arange(T * K, device=device)  # (R, T * K)
+    chosen = block < Nc
+    slot.masked_fill_(~chosen, first)
+    row = order // K * R + torch.arange(R, device=device)[:, None]  # (R, T * K) query row t * R + r
+    slot_c, row_c = slot[chosen], row[chosen]
+    rows = torch.zeros(first, dtype=torch.long, device=device).index_copy_(0, slot_c, row_c)
+    lse_rows = torch.full((first,), T * R, dtype=torch.long, device=device).index_copy_(0, slot_c, row_c)
+    pair_slots = torch.empty_like(slot).scatter_(1, order, slot).view(R, T, K).permute(2, 1, 0)  # (K, T, R)
+    tiles = torch.tensor([g for ids, _ in buckets_cpu for g in ids], dtype=torch.long, device=device)
+    return TilePlan(rows, lse_rows, pair_slots.reshape(K, T * R), tiles,
+                    torch.tensor(places, dtype=torch.long, device=device), buckets)
+
+
+def _buckets(counts: list[int], call_cost: int, max_slots: int | None) -> list[tuple[list[int], int]]:
+    """Tiles with counts > 0 into buckets (tile ids, L = their largest count): tiles sorted by count, each bucket
+    a run of them, the runs chosen by dynamic programming to minimise sum(nb * L) + call_cost * buckets."""
+    order = sorted((g for g, n in enumerate(counts) if n > 0), key=lambda g: -counts[g])
+    a, M = [counts[g] for g in order], len(order)
+    rest = [0] * (M + 1)  # rest[i] = sum(a[i:]), the unpadded work, a lower bound of any cost of order[i:]
+    for i in range(M - 1, -1, -1):
+        rest[i] = rest[i + 1] + a[i]
+    best, cut = [0] * (M + 1), [M] * (M + 1)  # best[i]: the least cost of order[i:]; cut[i]: where its bucket ends
+    for i in range(M - 1, -1, -1):
+        best[i] = None
+        for e in range(i + 1, M + 1):
+            pad = (e - i) * a[i] - (rest[i] - rest[e])
+            if best[i] is not None and (rest[i] + pad + call_cost >= best[i]
+                                        or max_slots is not None and (e - i) * a[i] > max_slots):
+                break  # pad grows with e: no later end can do better (or fit)
+            cost = (e - i) * a[i] + call_cost + best[e]
+            if best[i] is None or cost < best[i]:
+                best[i], cut[i] = cost, e
+    buckets, i = [], 0
+    while i < M:
+        buckets.append((order[i : cut[i]], -(-a[i] // 8) * 8))  # L a multiple of 8, for `_query_split`
+        i = cut[i]
+    return buckets
 
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, groups, block_size, K, scale, fused):
+    def forward(ctx, q, k, v, plan: TilePlan, bs, scale, fused):
         B, H, T, D = q.shape
         R = B * H
         qt, kt, vt = _token_major(q), _token_major(k, H), _token_major(v, H)  # (T, R, D)
-        o_own, lse_own = _tile(*(_blocks(x, block_size) for x in (qt, kt, vt)), True, scale, fused)
-        o_own, lse_own = _unblock(o_own, T), _unblock(lse_own[..., None], T)[..., 0]  # (T, R, D), (T, R)
-        o_sel = qt.new_zeros(T * K * R + 1, D)  # row T*K*R: the dummy pair
-        lse_sel = qt.new_full((T * K * R + 1,), float("-inf"))  # "no block" keeps weight 0
-        q_flat = qt.reshape(T * R, D)
-        for j, (pairs, rows) in enumerate(zip(groups[::2], groups[1::2])):
-            n = pairs.shape[0]
-            if n == 0:  # no query chose block j
-                continue
-            rows = rows.clamp_max(T * R - 1)  # (n, R); the dummy reads any real query
-            q_j = q_flat.index_select(0, rows.flatten()).view(n, R, D)
-            o_j, lse_j = _tile(q_j.transpose(0, 1)[None], *_key_block(kt, vt, j, block_size), False, scale, fused)
-            o_sel.index_copy_(0, pairs.flatten(), o_j[0].transpose(0, 1).reshape(n * R, D))
-            lse_sel.index_copy_(0, pairs.flatten(), lse_j[0].t().reshape(n * R))
-        lse_all = torch.cat((lse_own[:, None], lse_sel[: T * K * R].view(T, K, R)), dim=1)  # (T, K + 1, R)
-        lse = lse_all.logsumexp(dim=1)  # (T, R)
-        w = torch.exp(lse_all - lse[:, None])[..., None]  # (T, K + 1, R, 1)
-        out = w[:, 0] * o_own + (w[:, 1:] * o_sel[: T * K * R].view(T, K, R, D)).sum(dim=1)  # (T, R, D)
-        ctx.save_for_backward(q, k, v, out, lse, *groups)
-        ctx.block_size, ctx.K, ctx.scale, ctx.fused = block_size, K, scale, fused
+        o_own, lse_own = _tile(*(_blocks(x, bs) for x in (qt, kt, vt)), True, scale, fused)
+        out = _unblock(o_own, T).reshape(T * R, D)
+        lse = _unblock(lse_own[..., None], T).reshape(T * R)
+        if plan.buckets:
+            q_sel = qt.reshape(T * R, D).index_select(0, plan.rows)  # (P, D)
+            kg, vg = (_tile_keys(x, plan.tiles, bs) for x in (kt, vt))  # (n_tiles, 1, bs, D)
+            P = plan.rows.numel()
+            o_sel, lse_sel = out.new_empty(P + 1, D), lse.new_empty(P + 1)  # slot P: no choice, weight 0
+            o_sel[P], lse_sel[P] = 0.0, float("-inf")
+            for nb, L, first, g0 in plan.buckets:
+                c = _query_split(nb, L, torch.get_num_threads())
+                o_b, lse_b = _tile(_slots(q_sel, nb, L, first, c), *(x[g0 : g0 + nb].expand(nb, c, bs, D)
+                                                                      for x in (kg, vg)), False, scale, fused)
+                _slots(o_sel, nb, L, first, c).copy_(o_b)  # (nb, c, L / c, D)
+                _slots(lse_sel, nb, L, first, c).copy_(lse_b)
+            lse_all = torch.cat((lse[None], lse_sel[plan.pair_slots]))  # (K + 1, T * R)
+            lse = lse_all.logsumexp(dim=0)  # (T * R,)
+            w = torch.exp(lse_all - lse)[..., None]  # (K + 1, T * R, 1)
+            out = out * w[0]
+            for k_i, slots in enumerate(plan.pair_slots):
+                out.addcmul_(o_sel.index_select(0, slots), w[k_i + 1])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.block_size, ctx.scale, ctx.fused = plan, bs, scale, fused
         return out.view(T, B, H, D).permute(1, 2, 0, 3)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, *groups = ctx.saved_tensors
-        bs, K, scale, fused = ctx.block_size, ctx.K, ctx.scale, ctx.fused
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, bs, scale, fused = ctx.plan, ctx.block_size, ctx.scale, ctx.fused
         B, H, T, D = q.shape
-        Hkv, R = k.shape[1], B * H
+        Hkv, R, Nc = k.shape[1], B * H, T // bs
         qt, kt, vt, do = _token_major(q), _token_major(k, H), _token_major(v, H), _token_major(grad_out)
-        dq, dk, dv = (_unblock(g, T) for g in _tile_backward(
-            *(_blocks(x, bs) for x in (do, qt, kt, vt, out)), _blocks(lse[..., None], bs)[..., 0], True, scale, fused))
-        dk, dv = (g.contiguous().view(T * R, D) for g in (dk, dv))
-        dq_sel = qt.new_zeros(T * K * R + 1, D)  # per (query, choice) pair, like the forward's partial outputs
-        # q, dO, O of every query side by side, plus a zero row T*R for the dummy pairs: its dO = O = 0 makes its
-        # dS = 0, so it adds nothing to any gradient
-        qdo = torch.cat((torch.cat((qt, do, out), dim=-1).view(T * R, 3 * D), qt.new_zeros(1, 3 * D)))
-        lse_ext = torch.cat((lse.reshape(T * R), lse.new_zeros(1)))
-        for j, (pairs, rows) in enumerate(zip(groups[::2], groups[1::2])):
-            n = pairs.shape[0]
-            if n == 0:
-                continue
-            rows = rows.flatten()  # (n * R,)
-            q_j, do_j, o_j = (x.transpose(0, 1)[None] for x in qdo.index_select(0, rows).view(n, R, 3 * D).split(D, -1))
-            lse_j = lse_ext.index_select(0, rows).view(n, R).t()[None]
-            k_j, v_j = _key_block(kt, vt, j, bs)
-            dq_j, dk_j, dv_j = _tile_backward(do_j, q_j, k_j, v_j, o_j, lse_j, False, scale, fused)
-            dq_sel.index_copy_(0, pairs.flatten(), dq_j[0].transpose(0, 1).reshape(n * R, D))
-            keys = slice(j * bs * R, min((j + 1) * bs, T) * R)
-            dk[keys] += dk_j[0].transpose(0, 1).reshape(-1, D)
-            dv[keys] += dv_j[0].transpose(0, 1).reshape(-1, D)
-        dq = (dq + dq_sel[: T * K * R].view(T, K, R, D).sum(dim=1)).view(T, B, H, D).permute(1, 2, 0, 3)
+        dq, dk, dv = (_unblock(g, T).reshape(T * R, D) for g in _tile_backward(
+            *(_blocks(x, bs) for x in (do, qt, kt, vt, out.view(T, R, D))), _blocks(lse.view(T, R, 1), bs)[..., 0],
+            True, scale, fused))
+        if plan.buckets:
+            q_sel, do_sel, o_sel = (x.reshape(T * R, D).index_select(0, plan.rows) for x in (qt, do, out))
+            lse_sel = torch.cat((lse, lse.new_full((1,), float("inf")))).index_select(0, plan.lse_rows)  # (P,)
+            kg, vg = (_tile_keys(x, plan.tiles, bs) for x in (kt, vt))  # (n_tiles, 1, bs, D)
+            P, n_tiles = plan.rows.numel(), plan.tiles.numel()
+            dq_sel = dq.new_empty(P + 1, D)  # slot P: no choice
+            dkv_sel = dk.new_empty(2, n_tiles + 1, bs, D)  # dk, dv of each tile; tile n_tiles: none
+            dq_sel[P], dkv_sel[:, n_tiles] = 0.0, 0.0
+            for nb, L, first, g0 in plan.buckets:
+                c = _query_split(nb, L, torch.get_num_threads())
+                dq_b, dk_b, dv_b = _tile_backward(
+                    *(_slots(x, nb, L, first, c) for x in (do_sel, q_sel)),
+                    *(x[g0 : g0 + nb].expand(nb, c, bs, D) for x in (kg, vg)),
+                    *(_slots(x, nb, L, first, c) for x in (o_sel, lse_sel)), False, scale, fused)
+                _slots(dq_sel, nb, L, first, c).copy_(dq_b)
+                for g_b, g_sel in ((dk_b, dkv_sel[0, g0 : g0 + nb]), (dv_b, dkv_sel[1, g0 : g0 + nb])):
+                    g_sel.copy_(g_b[:, 0]) if c == 1 else torch.sum(g_b, dim=1, out=g_sel)  # (nb, bs, D)
+            for slots in plan.pair_slots:
+                dq += dq_sel.index_select(0, slots)
+            dkv_sel = dkv_sel[:, plan.tile_places].view(2, Nc, R, bs, D).transpose(2, 3)  # (2, Nc, bs, R, D)
+            for g, g_sel in zip((dk, dv), dkv_sel):
+                g[: Nc * bs * R].view(Nc, bs, R, D).add_(g_sel)
+        dq = dq.view(T, B, H, D).permute(1, 2, 0, 3)
         dk, dv = (g.view(T, B, Hkv, H // Hkv, D).sum(dim=3).permute(1, 2, 0, 3) for g in (dk, dv))
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _token_major(x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
@@ -137,10 +212,29 @@ def _unblock(x: torch.Tensor, T: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(N * bs, R, *x.shape[3:])[:T]
 
 
-def _key_block(kt: torch.Tensor, vt: torch.Tensor, j: int, block_size: int):
-    """Keys and values of block j as (1, R, bs, D) tiles."""
-    sl = slice(j * block_size, (j + 1) * block_size)
-    return kt[sl].transpose(0, 1)[None], vt[sl].transpose(0, 1)[None]
+def _slots(x: torch.Tensor, nb: int, L: int, first: int, split: int = 1) -> torch.Tensor:
+    """A bucket's slots of x (P, ...) as a tile batch (nb, split, L // split, ...): each tile's queries in `split`
+    chunks, which the kernel takes as heads."""
+    return x[first : first + nb * L].view(nb, split, L // split, *x.shape[1:])
+
+
+def _query_split(nb: int, L: int, threads: int) -> int:
+    """Chunks c per tile, which the kernel takes as heads. PyTorch's CPU FlashAttention kernels run one thread per
+    (batch, head) (the backward; the forward also splits the queries), and a call with a single one runs its matrix
+    products multithreaded one by one, about 50x slower on two threads (torch 2.13, MKL). Split until nb * c >= 2
+    and, into chunks of at least 256 queries, until there are 4 chunks per thread; L is a multiple of 8."""
+    c = 1
+    while c < 8 and L % (2 * c) == 0 and (nb * c < 2 or nb * c < 4 * threads and L // (2 * c) >= 256):
+        c *= 2
+    return c
+
+
+def _tile_keys(x: torch.Tensor, tiles: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The keys (or values) of tiles g = j * R + r: x (T, R, D) -> (n, 1, bs, D), block j of row r. Indexing, not
+    index_select: on two threads index_select copies large slices about 20x slower here (torch 2.13, CPU)."""
+    T, R, D = x.shape
+    Nc = T // block_size
+    return x[: Nc * block_size].view(Nc, block_size, R, D)[tiles // R, :, tiles % R][:, None]
 
 
 def _tile(q, k, v, causal: bool, scale: float, fused: bool):
