@@ -27,6 +27,8 @@ Rows and how each is measured:
                  causal SDPA), each with its own recipe's step: forward, backward, clip at 1.0, AdamW (ours fused as
                  `training.optim.make_optimizer`; nanoGPT's fused only on CUDA, so foreach here, and also timed with
                  the fused kernel); per-round ratios and main-thread CPU time beside the wall time
+  decode_floor   one decode step of the hybrid MoE at batch 1 after a 512-token prompt (ours with the cache, HF
+                 MiniMax with its cache), interleaved with `decode_matmul_floor`'s step; wall and CPU time per step
   nanogpt_compile  the same with `torch.compile` on both models (not in the default suite: compiling takes minutes)
 
 Model FLOPs (the `mfu` row) are counted, not measured: 6 * (active matmul parameters) * tokens, where active means the
@@ -70,6 +72,7 @@ SUITES = {
     "compile": ["compile"],
     "bf16": ["bf16"],
     "nanogpt": ["nanogpt", "nanogpt_compile"],
+    "decode_floor": ["decode_floor"],
 }
 
 
@@ -313,6 +316,40 @@ def row_generate(a) -> list[dict]:
                        f"by more than {per_token['peer'] / per_token['floor']:.1f}x")]
 
 
+def row_decode_floor(a) -> list[dict]:
+    """One token per call, ours and HF each continuing its own cache after the same prompt, and the floor's step."""
+    torch.manual_seed(0)
+    model = EnhancedMiniMaxGPT(moe_config()).eval()
+    hf = hf_minimax(model).eval()
+    prompt, _ = batch(model.config, 1, 512)
+    steps = 4 * a.decode_steps
+    cache = model.new_cache(1, capacity=512 + steps + 16)
+    with torch.no_grad():
+        model(prompt, cache=cache, logits_to_keep=1)
+        pkv = hf(input_ids=prompt, use_cache=True).past_key_values
+    tok, pos = prompt[:, -1:], [512]
+
+    def ours():
+        with torch.no_grad():
+            model(tok, cache=cache, logits_to_keep=1)
+
+    def peer():
+        with torch.no_grad():
+            hf(input_ids=tok, past_key_values=pkv, position_ids=torch.tensor([[pos[0]]]), use_cache=True)
+        pos[0] += 1
+
+    wall, cpu = interleaved_cpu({"ours": ours, "peer": peer, "floor": decode_matmul_floor(model)}, 3, steps)
+    ms = {k: {n: 1e3 * statistics.median(v[n]) for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
+    return [dict(row="decode_floor", what="decode step, hybrid MoE, B1, after 512 tokens", unit="tokens/s",
+                 ours=rate(1, wall["ours"]), peer=rate(1, wall["peer"]), peer_name="HF MiniMax", ms=ms,
+                 time_vs_floor_per_round=per_round(wall["floor"], wall["ours"]),  # our time / the floor's
+                 cpu_time_vs_floor_per_round=per_round(cpu["floor"], cpu["ours"]),
+                 notes=f"ms per step, wall / CPU: ours {ms['wall']['ours']:.2f} / {ms['cpu']['ours']:.2f}, HF "
+                       f"{ms['wall']['peer']:.2f} / {ms['cpu']['peer']:.2f}, matmul floor {ms['wall']['floor']:.2f} / "
+                       f"{ms['cpu']['floor']:.2f}; our time / the floor's per round {per_round(wall['floor'], wall['ours']):.2f}x"
+                       f" wall, {per_round(cpu['floor'], cpu['ours']):.2f}x CPU (target <= 1.3x)")]
+
+
 def decode_matmul_floor(model: EnhancedMiniMaxGPT):
     """A function running only the weight matmuls of one decoding step (B1): every projection a token multiplies,
     with k experts per MoE layer drawn at random each step, and the lm_head. Nothing else: no attention, no norms,
@@ -491,6 +528,8 @@ def row_bf16(a) -> list[dict]:
 def nanogpt_pair():
     """(ours, reference) at nanoGPT's Shakespeare-char recipe, each with its recipe's optimizer (module docstring),
     and the batch. Ours is what `minimax-gpt train --config shakespeare_char_cpu` builds for a 65-character vocab."""
+    if str(ROOT) not in sys.path:  # run as a script (python benchmarks/suite.py): the repository root is not on it
+        sys.path.insert(0, str(ROOT))
     from benchmarks.nanogpt_ref import RECIPE, NanoGPTConfig, NanoGPTReference, recipe_optimizer
     from minimax_gpt.training.optim import make_optimizer
     from minimax_gpt.training.run_config import load_run_config
@@ -596,7 +635,7 @@ def row_nanogpt_compile(a) -> list[dict]:
 
 ROWS = {"train": row_train, "train_dense": row_train_dense, "prefill": row_prefill, "decode": row_decode,
         "generate": row_generate, "mfu": row_mfu, "memory": row_memory, "compile": row_compile, "bf16": row_bf16,
-        "nanogpt": row_nanogpt, "nanogpt_compile": row_nanogpt_compile}
+        "nanogpt": row_nanogpt, "nanogpt_compile": row_nanogpt_compile, "decode_floor": row_decode_floor}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
