@@ -15,10 +15,11 @@ running block-key sums. For a hybrid where 1 layer in 8 is softmax, that is the 
 Three functions share one gate (`select_blocks`), so they choose the same blocks:
   - `block_sparse_attention_naive`: the reference, dense attention under the MoBA mask (O(T^2) memory);
   - `block_sparse_attention`: the fast path (`block_sparse_tiles`). Own blocks run as one block-diagonal causal
-    attention; the (query, chosen block) pairs are grouped by key block and each group runs as one unmasked
-    attention tile; a query's tiles are merged by log-sum-exp, and the backward recomputes each tile from the final
-    log-sum-exp (FlashAttention style). Work is T * (top_k + 1) * block_size * D per head, linear in T at a fixed
-    block size and top_k; the gate itself costs T * (T / block_size) * D, 1/block_size of dense attention;
+    attention; the (query, chosen block) pairs are grouped by key block and head into unmasked attention tiles, and
+    tiles of similar size run batched, a few kernel calls in all; a query's tiles are merged by log-sum-exp, and the
+    backward recomputes each tile from the final log-sum-exp (FlashAttention style). Work is
+    T * (top_k + 1) * block_size * D per head, linear in T at a fixed block size and top_k; the gate itself costs
+    T * (T / block_size) * D, 1/block_size of dense attention;
   - `block_mask`: the boolean (B, H, T, S) mask for any positions (padding, a decoding cache), with
     `add_block_sums` keeping the block mean keys by position (a cache adds each new key once).
 
