@@ -145,8 +145,10 @@ class MoEFeedForward(nn.Module):
         self.orthogonal_init = config.moe_orthogonal_init
         self.layer_scale_init = config.moe_layer_scale_init
         C, I = config.n_embd, config.intermediate_size
-        self.gate = nn.Linear(C, E, bias=False)
+        # experts before gate: parameters keep the order they had as mlp.w1/w3/w2 (the gradient-norm sum, and so the
+        # default run, stay bit-identical across the rename)
         self.experts = Experts(E, C, I)  # w1, w3 (E, I, C), w2 (E, C, I): read as self.w1, self.w3, self.w2
+        self.gate = nn.Linear(C, E, bias=False)
         self.layer_scale = nn.Parameter(torch.empty(C)) if config.moe_layer_scale else None
         # aux-loss-free balancing: added to the probabilities for selection only; a persistent buffer (checkpointed),
         # moved by `update_routing_bias`, never by gradients. Absent when off, so other models' state is unchanged.

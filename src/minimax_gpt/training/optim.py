@@ -39,8 +39,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
     squares = []
     for grads in meshes.values():
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         with quiet_redistribution():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2)
     total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
