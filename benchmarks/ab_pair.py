@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,12 +181,7 @@ def main(argv=None):
               f" / {r['cpu_new_ms']:8.2f} ms; per round base/new: wall {r['per_round_wall']:.3f}x, cpu "
               f"{r['per_round_cpu']:.3f}x; first output identical: {r['first_output_identical']} "
               f"(max diff {r['first_output_max_diff']:.2e})", flush=True)
-    env["loadavg_end"] = os.getloadavg()
-    print(f"{a.threads} threads, load average {env['loadavg_start']} -> {env['loadavg_end']}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, results=results), indent=2))
-    print(f"wrote {out}")
+    write_report(a.out, env, a.threads, results=results)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ is an upper bound). JSON in benchmarks/results/profile_steps.json; `docs/perform
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.report import write_report
 from minimax_gpt import EnhancedMiniMaxGPT
 from minimax_gpt.training.hostmem import tune_malloc
 from minimax_gpt.training.run_config import load_run_config
@@ -202,12 +202,7 @@ def main(argv=None):
         step, tokens = WORKLOADS[name](a)
         results[name] = dict(tokens_per_step=tokens, **profile_workload(step, a.steps, a.top))
         print(report(name, tokens, results[name]), flush=True)
-    env["loadavg_end"] = os.getloadavg()
-    print(f"threads {a.threads}, load average {env['loadavg_start']} -> {env['loadavg_end']}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, results=results), indent=2))
-    print(f"wrote {out}")
+    write_report(a.out, env, a.threads, results=results)
 
 
 if __name__ == "__main__":
