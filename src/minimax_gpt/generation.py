@@ -6,11 +6,19 @@ Batched prompts of different lengths are left-padded and come with an attention 
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Iterator
 
 import torch
+
+from minimax_gpt.models import static_decode
+
+log = logging.getLogger(__name__)
+# "auto" compiles the decoding step from this many new tokens on: the compile (~7 s on a 2-core CPU for the suite's
+# hybrid MoE) pays back at ~1.4 ms saved per token after ~5,000 tokens (docs/performance.md)
+COMPILE_PAYS_AFTER = 4096
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -55,13 +63,28 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def use_compiled_step(model, compile_step, attention_mask, use_cache: bool, max_new_tokens: int) -> bool:
+    """Whether decoding runs the compiled static step (`models/static_decode.py`) after the prefill. compile_step:
+    True (an error if the model or the inputs cannot), False, or None: when it pays, i.e. the model has a compiled
+    step already or max_new_tokens >= COMPILE_PAYS_AFTER, and nothing rules it out."""
+    if compile_step is not None and not isinstance(compile_step, bool):
+        raise TypeError(f"compile_step must be True, False or None (auto), got {compile_step!r}")
+    why = "use_cache=False" if not use_cache else static_decode.unsupported(model, attention_mask)
+    if compile_step:
+        if why is not None:
+            raise ValueError(f"compile_step=True cannot be used: {why}; pass compile_step=False or None (auto)")
+        return True
+    return (compile_step is None and why is None
+            and (static_decode.is_warm(model) or max_new_tokens >= COMPILE_PAYS_AFTER))
+
+
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
            attention_mask: torch.Tensor | None = None, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, compile_step: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) at each step. Rows that emitted eos_token_id keep emitting it; the
-    stream stops when every row has, or after max_new_tokens steps."""
+    stream stops when every row has, or after max_new_tokens steps. compile_step: see `use_compiled_step`."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     input_ids = model._check_inputs(input_ids, None, None, None)[0]  # the model's checks, also for 0 new tokens
     B, T0 = input_ids.shape
@@ -73,37 +96,65 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         attention_mask = _check_left_padded(attention_mask, input_ids.shape)
     if max_new_tokens == 0:
         return
-    cache = model.new_cache(B, capacity=T0 + max_new_tokens) if use_cache else None
+    compiled = use_compiled_step(model, compile_step, attention_mask, use_cache, max_new_tokens)
+    capacity = static_decode.static_capacity(T0 + max_new_tokens) if compiled else T0 + max_new_tokens
+    cache = model.new_cache(B, capacity=capacity) if use_cache else None
     seq, mask = input_ids, attention_mask
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+    decode = _compiled_decoder(model, cache, fallback=compile_step is None) if compiled else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
             finished = finished | (nxt == eos_token_id)
         yield nxt
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        if use_cache:
-            logits = model(nxt[:, None], cache=cache, logits_to_keep=1).logits
+        if decode is not None:
+            logits = decode(nxt[:, None])
+        elif use_cache:
+            logits = model(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
         else:
             seq = torch.cat((seq, nxt[:, None]), dim=1)
             if mask is not None:
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-            logits = model(seq, attention_mask=mask, logits_to_keep=1).logits
+            logits = model(seq, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+
+
+def _compiled_decoder(model, cache, fallback: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens (B, 1) -> logits (B, V) through the compiled static step, continuing the prefilled `cache`. With
+    fallback (compile_step=None), a first step that fails to compile (no C++ compiler, an unsupported op) is logged
+    and decoding continues eagerly in `cache`, which the static cache has not touched until a step has run."""
+    static, step = static_decode.StaticCache(cache), static_decode.compiled_step(model)
+    state = {"compiled": True}
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:
+        if state["compiled"]:
+            try:
+                return step(model, tokens, static)
+            except Exception as e:  # noqa: BLE001 - any compile failure: the eager step computes the same
+                if not fallback or int(static.slot) != cache.length:
+                    raise
+                log.warning("compiled decoding step failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                state["compiled"] = False
+        return model(tokens, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    return decode
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              attention_mask: torch.Tensor | None = None, use_cache: bool = True,
              streamer: Callable[[torch.Tensor], None] | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile_step: bool | None = None) -> torch.Tensor:
     """input_ids (B, T0) -> (B, T0 + n), n <= max_new_tokens (fewer when every row reached eos_token_id).
-    temperature=0 or top_k=1 is greedy. `streamer`, if given, is called with each step's tokens (B,)."""
+    temperature=0 or top_k=1 is greedy. `streamer`, if given, is called with each step's tokens (B,).
+    compile_step: decode with the compiled static step (True), eagerly (False), or when it pays (None; see
+    `use_compiled_step`)."""
     new = []
     for tok in stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      attention_mask, use_cache, generator):
+                      attention_mask, use_cache, generator, compile_step):
         if streamer is not None:
             streamer(tok)
         new.append(tok)

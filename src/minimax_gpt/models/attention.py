@@ -132,11 +132,11 @@ class SoftmaxAttention(nn.Module):
 
     def _attend_xpos(self, q, k, v, ctx: ForwardContext):
         """XPos scales the rotated dims of q and k relative to the query span (see rotary.py); the scaled tensors are
-        kept in float32 so that positions far from the reference stay finite in fp16/bf16."""
+        kept in float32 (float64 for float64 inputs) so that positions far from the reference stay finite in fp16/bf16."""
         q_scale, k_scale = self.xpos.xpos_scales(ctx.positions, ctx.key_positions)  # (B,1,T,R), (B,1,S,R)
         R = q_scale.shape[-1]
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        q = torch.cat((q[..., :R] * q_scale, q[..., R:]), dim=-1)
-        k = torch.cat((k[..., :R] * k_scale, k[..., R:]), dim=-1)
+        dtype, cdt = q.dtype, torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        q = torch.cat((q[..., :R] * q_scale.to(cdt), q[..., R:]), dim=-1)
+        k = torch.cat((k[..., :R] * k_scale.to(cdt), k[..., R:]), dim=-1)
         return self._attend(q, k, v, ctx.attn_mask, ctx.is_causal).to(dtype)

@@ -250,6 +250,9 @@ class MoEFeedForward(nn.Module):
         N, A = B * T, B * T * k
         xf = x.reshape(N, C)
         logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
+        if (self.expert_parallel is None and token_mask is None and A <= LOOP_MAX_ASSIGNMENTS
+                and not torch.is_grad_enabled() and torch.compiler.is_compiling()):  # a compiled decoding step
+            return self._forward_gathered(xf, logits, probs, top_w, top_i, B, T)
         if self.expert_parallel is None and self._few_assignments(A):  # decoding: no all-True mask to build
             valid = None if token_mask is None else token_mask.reshape(N)
             return self._forward_few(xf, valid, logits, probs, top_w, top_i, B, T)
@@ -353,6 +356,30 @@ class MoEFeedForward(nn.Module):
             out = self.expert(e, xf) * top_w[:, j, None].to(xf.dtype)  # (1, C)
             y = out if y is None else y + out
         return y
+
+    def _forward_gathered(self, xf, logits, probs, top_w, top_i, B, T):
+        """A few tokens without gradients or padding, with no host sync (a compiled decoding step, where `_forward_one`
+        would break the graph at its `.tolist()` and bmm would read every expert): each token's k experts' weights are
+        gathered, (N, k, I, C), and applied as batched matrix-vector products. The same values as `_forward_few` to
+        rounding (the products and the sum over k are ordered differently); a slot not taken (top-p, index E) adds 0."""
+        E = self.num_experts
+        taken = top_i < E  # (N, k)
+        idx = top_i.clamp(max=E - 1)
+        dt = xf.dtype
+        w1, w3, w2 = (w.to(dt)[idx] for w in (self.w1, self.w3, self.w2))  # (N, k, I, C), (N, k, I, C), (N, k, C, I)
+        x = xf[:, None, :, None]  # (N, 1, C, 1)
+        h = F.silu((w1 @ x).squeeze(-1)) * (w3 @ x).squeeze(-1)  # (N, k, I)
+        out = (w2 @ h[..., None]).squeeze(-1)  # (N, k, C)
+        w = torch.where(taken, top_w, 0.0).to(dt)  # (N, k)
+        y = (out * w[..., None]).sum(1)  # (N, C)
+        if self.layer_scale is not None:
+            y = y * self.layer_scale.to(dt)
+
+        def stats() -> RouterStats:
+            chosen = (top_i[..., None] == torch.arange(E, device=xf.device)).sum((0, 1), dtype=torch.float32)
+            return _make_stats(self, logits, probs, chosen, chosen, None, torch.tensor(xf.shape[0], device=xf.device))
+
+        return y.view(B, T, -1), _DeferredRouterStats.deferred(stats)
 
     # ------------------------------------------------------------------------------------------------------------
     def _impl(self, x: torch.Tensor, n_assignments: int) -> str:
