@@ -27,8 +27,10 @@ Rows and how each is measured:
                  causal SDPA), each with its own recipe's step: forward, backward, clip at 1.0, AdamW (ours fused as
                  `training.optim.make_optimizer`; nanoGPT's fused only on CUDA, so foreach here, and also timed with
                  the fused kernel); per-round ratios and main-thread CPU time beside the wall time
-  decode_floor   one decode step of the hybrid MoE at batch 1 after a 512-token prompt (ours with the cache, HF
-                 MiniMax with its cache), interleaved with `decode_matmul_floor`'s step; wall and CPU time per step
+  decode_floor   one decode step of the hybrid MoE at batch 1 after a 512-token prompt (ours with the cache, eager and
+                 as the compiled static step of models/static_decode.py; HF MiniMax with its cache), interleaved with
+                 `decode_matmul_floor`'s step; wall and CPU time per step; the generate row also runs
+                 `generate(compile_step=True)`, its first (compiling) call timed apart
   nanogpt_compile  the same with `torch.compile` on both models (not in the default suite: compiling takes minutes)
 
 Model FLOPs (the `mfu` row) are counted, not measured: 6 * (active matmul parameters) * tokens, where active means the
@@ -55,6 +57,7 @@ from pathlib import Path
 import torch
 
 from minimax_gpt import EnhancedMiniMaxGPT, MiniMaxConfig
+from minimax_gpt.models import static_decode
 from minimax_gpt.training.hostmem import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +295,10 @@ def row_generate(a) -> list[dict]:
     outs = {}
 
     def ours():
-        outs["ours"] = model.generate(prompt, N, temperature=0)
+        outs["ours"] = model.generate(prompt, N, temperature=0, compile_step=False)
+
+    def compiled():
+        outs["compiled"] = model.generate(prompt, N, temperature=0, compile_step=True)
 
     def peer():
         with torch.no_grad():
@@ -304,16 +310,25 @@ def row_generate(a) -> list[dict]:
         for _ in range(N):
             floor_step()
 
-    t = interleaved({"ours": ours, "peer": peer, "floor": floor}, 1, a.gen_repeats)
-    same = outs["ours"].shape == outs["peer"].shape and bool((outs["ours"] == outs["peer"]).all())
+    t0 = time.perf_counter()
+    compiled()  # the first call compiles the step
+    first_s = time.perf_counter() - t0
+    t = interleaved({"ours": ours, "compiled": compiled, "peer": peer, "floor": floor}, 1, a.gen_repeats)
+    same = {k: outs[k].shape == outs["peer"].shape and bool((outs[k] == outs["peer"]).all())
+            for k in ("ours", "compiled")}
     per_token = {k: statistics.median(v) / N * 1e3 for k, v in t.items()}
-    return [dict(row="generate", what=f"generate {N} after {P}, greedy, hybrid MoE, B1", unit="tokens/s",
-                 ours=rate(N, t["ours"]), peer=rate(N, t["peer"]), peer_name="HF MiniMax generate",
-                 floor_ms_per_token=per_token["floor"],
-                 notes=f"same tokens: {same}; ms per generated token (prompt included): ours {per_token['ours']:.2f}, "
-                       f"HF {per_token['peer']:.2f}; the decode step's weight matmuls alone take "
-                       f"{per_token['floor']:.2f} ms per token, so no fp32 decode step on this machine can beat HF "
-                       f"by more than {per_token['peer'] / per_token['floor']:.1f}x")]
+    common = dict(unit="tokens/s", peer=rate(N, t["peer"]), peer_name="HF MiniMax generate",
+                  floor_ms_per_token=per_token["floor"])
+    floor_note = (f"HF {per_token['peer']:.2f}, the step's weight matmuls alone {per_token['floor']:.2f} ms per token "
+                  f"(prompt included)")
+    return [dict(row="generate", what=f"generate {N} after {P}, greedy, hybrid MoE, B1", ours=rate(N, t["ours"]),
+                 **common, notes=f"same tokens: {same['ours']}; ms per token: ours {per_token['ours']:.2f}, "
+                                 f"{floor_note}"),
+            dict(row="generate_compiled", what=f"generate {N} after {P}, greedy, compiled static step",
+                 ours=rate(N, t["compiled"]), **common, first_call_s=first_s,
+                 notes=f"same tokens: {same['compiled']}; ms per token: ours {per_token['compiled']:.2f} "
+                       f"({per_token['compiled'] / per_token['floor']:.2f}x the floor), {floor_note}; first call "
+                       f"(compiling) {first_s:.1f} s")]
 
 
 def row_decode_floor(a) -> list[dict]:
@@ -328,26 +343,39 @@ def row_decode_floor(a) -> list[dict]:
         model(prompt, cache=cache, logits_to_keep=1)
         pkv = hf(input_ids=prompt, use_cache=True).past_key_values
     tok, pos = prompt[:, -1:], [512]
+    prefill = model.new_cache(1, capacity=static_decode.static_capacity(512 + steps + 16))
+    with torch.no_grad():
+        model(prompt, cache=prefill, logits_to_keep=1)
+    static, step = static_decode.StaticCache(prefill), static_decode.compiled_step(model)
 
     def ours():
         with torch.no_grad():
             model(tok, cache=cache, logits_to_keep=1)
+
+    def compiled():
+        with torch.no_grad():
+            step(model, tok, static)
 
     def peer():
         with torch.no_grad():
             hf(input_ids=tok, past_key_values=pkv, position_ids=torch.tensor([[pos[0]]]), use_cache=True)
         pos[0] += 1
 
-    wall, cpu = interleaved_cpu({"ours": ours, "peer": peer, "floor": decode_matmul_floor(model)}, 3, steps)
+    fns = {"ours": ours, "compiled": compiled, "peer": peer, "floor": decode_matmul_floor(model)}
+    wall, cpu = interleaved_cpu(fns, 3, steps)  # the first warm-up call of `compiled` compiles
     ms = {k: {n: 1e3 * statistics.median(v[n]) for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
-    return [dict(row="decode_floor", what="decode step, hybrid MoE, B1, after 512 tokens", unit="tokens/s",
-                 ours=rate(1, wall["ours"]), peer=rate(1, wall["peer"]), peer_name="HF MiniMax", ms=ms,
-                 time_vs_floor_per_round=per_round(wall["floor"], wall["ours"]),  # our time / the floor's
-                 cpu_time_vs_floor_per_round=per_round(cpu["floor"], cpu["ours"]),
-                 notes=f"ms per step, wall / CPU: ours {ms['wall']['ours']:.2f} / {ms['cpu']['ours']:.2f}, HF "
-                       f"{ms['wall']['peer']:.2f} / {ms['cpu']['peer']:.2f}, matmul floor {ms['wall']['floor']:.2f} / "
-                       f"{ms['cpu']['floor']:.2f}; our time / the floor's per round {per_round(wall['floor'], wall['ours']):.2f}x"
-                       f" wall, {per_round(cpu['floor'], cpu['ours']):.2f}x CPU (target <= 1.3x)")]
+    rows = []
+    for name, what in (("ours", "decode step, hybrid MoE, B1, after 512 tokens"),
+                       ("compiled", "decode step, compiled static step, hybrid MoE, B1, after 512 tokens")):
+        vs_floor = per_round(wall["floor"], wall[name]), per_round(cpu["floor"], cpu[name])  # our time / the floor's
+        rows.append(dict(row="decode_floor" if name == "ours" else "decode_floor_compiled", what=what,
+                         unit="tokens/s", ours=rate(1, wall[name]), peer=rate(1, wall["peer"]), peer_name="HF MiniMax",
+                         ms=ms, time_vs_floor_per_round=vs_floor[0], cpu_time_vs_floor_per_round=vs_floor[1],
+                         notes=f"ms per step, wall / CPU: ours {ms['wall'][name]:.2f} / {ms['cpu'][name]:.2f}, HF "
+                               f"{ms['wall']['peer']:.2f} / {ms['cpu']['peer']:.2f}, matmul floor "
+                               f"{ms['wall']['floor']:.2f} / {ms['cpu']['floor']:.2f}; our time / the floor's per "
+                               f"round {vs_floor[0]:.2f}x wall, {vs_floor[1]:.2f}x CPU (target <= 1.3x)"))
+    return rows
 
 
 def decode_matmul_floor(model: EnhancedMiniMaxGPT):

@@ -66,6 +66,17 @@ def test_generate_prints_text(trained, capsys):
     assert capsys.readouterr().out == text  # seeded: reproducible
 
 
+def test_generate_compiled_step_prints_the_eager_text(trained, capsys):
+    _, out = trained
+    capsys.readouterr()
+    texts = []
+    for mode in ("off", "on"):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "the ", "--max-new-tokens", "12",
+                     "--temperature", "0", "--compile", mode]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("the ") + 5
+
+
 def test_eval_prints_loss_and_perplexity(trained, capsys):
     tmp, out = trained
     capsys.readouterr()

@@ -14,10 +14,12 @@ from minimax_gpt.generation import stream
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                compile_step: bool | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece (the prompt itself is not yielded). An empty prompt
     starts from the tokenizer's end-of-text token, or a newline when it has none. With learned positions the
-    continuation stops at block_size, and a prompt of block_size tokens or more is a ValueError."""
+    continuation stops at block_size, and a prompt of block_size tokens or more is a ValueError. compile_step: as
+    `generation.stream`."""
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer.encode("\n")
@@ -35,7 +37,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temper
     new: list[int] = []
     emitted = 0
     for tok in stream(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos_token_id=tokenizer.eos_token_id, generator=generator):
+                      eos_token_id=tokenizer.eos_token_id, generator=generator, compile_step=compile_step):
         t = int(tok[0])
         if t == tokenizer.eos_token_id:
             break
