@@ -1,6 +1,8 @@
 """The static decoding step (models/static_decode.py) against the eager step and the full forward, the gathered MoE
 path against the one-token path, and how `generate` chooses and checks `compile_step`."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -145,3 +147,14 @@ def test_auto_chooses_by_length_and_falls_back_when_compiling_fails(monkeypatch)
     assert torch.equal(model.generate(ids, 6, temperature=0), want)  # auto: logged, then the eager step
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         model.generate(ids, 6, temperature=0, compile_step=True)
+
+
+def test_each_model_compiles_its_own_code_object():
+    """torch.compile counts recompiles (limit 8, then a hard failure under fullgraph) per code object: models of many
+    shapes in one process must not share one."""
+    a, b = make("hybrid", dtype=torch.float32), make("moe", dtype=torch.float32)
+    step_a, step_b = static_decode.compiled_step(a), static_decode.compiled_step(b)
+    assert static_decode.compiled_step(a) is step_a
+    code = [inspect.unwrap(s).__code__ for s in (step_a, step_b)]
+    assert code[0] is not code[1] and code[0] is not static_decode.decode_step.__code__
+    assert code[0].co_code == static_decode.decode_step.__code__.co_code

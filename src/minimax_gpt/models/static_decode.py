@@ -21,6 +21,7 @@ sums), sequence parallelism, and training-mode dropout. Shapes: B batch, S capac
 
 from __future__ import annotations
 
+import types
 import weakref
 
 import torch
@@ -122,10 +123,14 @@ _compiled = weakref.WeakKeyDictionary()  # model -> its compiled step (torch.com
 
 def compiled_step(model):
     """`decode_step` for `model` under torch.compile (one per model, kept while the model lives). Compiling takes
-    seconds (~7 s for the suite's hybrid MoE on this CPU); each later call with the same shapes runs the graph."""
+    seconds (4-8 s for the suite's hybrid MoE on this CPU); each later call with the same shapes runs the graph. A new
+    capacity bucket or batch size recompiles once with that size symbolic (torch.compile's automatic dynamic shapes).
+    Each model compiles its own copy of the function's code: torch.compile keeps graphs, and counts recompiles
+    against its limit of 8, per code object, so models of different shapes would otherwise exhaust it together."""
     if model not in _compiled:
-        step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-        _compiled[model] = step
+        code = decode_step.__code__.replace()  # a distinct code object, the same function
+        _compiled[model] = torch.compile(types.FunctionType(code, decode_step.__globals__, "decode_step"),
+                                         fullgraph=True)
     return _compiled[model]
 
 
