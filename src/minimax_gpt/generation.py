@@ -101,7 +101,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     cache = model.new_cache(B, capacity=capacity) if use_cache else None
     seq, mask = input_ids, attention_mask
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
-    decode = _compiled_decoder(model, cache, fallback=compile_step is None) if compiled else None
+    decode = None  # the compiled step, made at the first token it decodes
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -111,7 +111,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         yield nxt
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        if decode is not None:
+        if compiled:
+            decode = decode or _compiled_decoder(model, cache, fallback=compile_step is None)
             logits = decode(nxt[:, None])
         elif use_cache:
             logits = model(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1]

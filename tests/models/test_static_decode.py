@@ -158,3 +158,12 @@ def test_each_model_compiles_its_own_code_object():
     code = [inspect.unwrap(s).__code__ for s in (step_a, step_b)]
     assert code[0] is not code[1] and code[0] is not static_decode.decode_step.__code__
     assert code[0].co_code == static_decode.decode_step.__code__.co_code
+
+
+def test_one_new_token_compiles_nothing():
+    """The first new token comes from the prefill: a generation of one token never needs the compiled step."""
+    model = make("hybrid", dtype=torch.float32)
+    ids = torch.randint(0, 61, (1, 4))
+    assert torch.equal(model.generate(ids, 1, temperature=0, compile_step=True),
+                       model.generate(ids, 1, temperature=0, compile_step=False))
+    assert not static_decode.is_warm(model)
