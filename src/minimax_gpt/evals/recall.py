@@ -197,18 +197,18 @@ def plot_recall(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, entry in results["layouts"].items():
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, (name, entry) in enumerate(results["layouts"].items()):
         rows = sorted((int(T), r) for T, r in entry["lengths"].items() if r["accuracy"])
-        if rows:
+        if rows:  # past the 10 colours of the cycle, dashed lines and square markers tell the layouts apart
             ax.errorbar([T for T, _ in rows], [r["mean"] for _, r in rows], yerr=[r["std"] for _, r in rows],
-                        marker="o", capsize=3, label=name)
+                        marker="o" if i < 10 else "s", linestyle="-" if i < 10 else "--", capsize=3, label=name)
     ax.axhline(results["chance"], color="gray", linestyle="--", linewidth=0.8, label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("MQAR accuracy (query positions)")
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
