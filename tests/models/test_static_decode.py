@@ -134,6 +134,10 @@ def test_auto_chooses_by_length_and_falls_back_when_compiling_fails(monkeypatch)
     assert generation.use_compiled_step(model, None, None, True, generation.COMPILE_PAYS_AFTER)
     assert not generation.use_compiled_step(make("sparse"), None, None, True, generation.COMPILE_PAYS_AFTER)
     assert not generation.use_compiled_step(model, False, None, True, generation.COMPILE_PAYS_AFTER)
+    moe = make("moe", dtype=torch.float32)  # 4 experts, top-2: gathering pays up to 8 rows per step
+    assert generation.use_compiled_step(moe, None, None, True, generation.COMPILE_PAYS_AFTER, batch_size=8)
+    assert not generation.use_compiled_step(moe, None, None, True, generation.COMPILE_PAYS_AFTER, batch_size=9)
+    assert generation.use_compiled_step(moe, True, None, True, 1, batch_size=9)  # asked for: taken
 
     def broken(model):
         def step(*args):
