@@ -134,17 +134,18 @@ def _compiled_decoder(model, cache, fallback: bool) -> Callable[[torch.Tensor], 
     fallback (compile_step=None), a first step that fails to compile (no C++ compiler, an unsupported op) is logged
     and decoding continues eagerly in `cache`, which the static cache has not touched until a step has run."""
     static, step = static_decode.StaticCache(cache), static_decode.compiled_step(model)
-    state = {"compiled": True}
+    compiled = True
 
     def decode(tokens: torch.Tensor) -> torch.Tensor:
-        if state["compiled"]:
+        nonlocal compiled
+        if compiled:
             try:
                 return step(model, tokens, static)
             except Exception as e:  # noqa: BLE001 - any compile failure: the eager step computes the same
                 if not fallback or int(static.slot) != cache.length:
                     raise
                 log.warning("compiled decoding step failed (%s: %s); decoding eagerly", type(e).__name__, e)
-                state["compiled"] = False
+                compiled = False
         return model(tokens, cache=cache, logits_to_keep=1).logits[:, -1]
 
     return decode

@@ -250,10 +250,9 @@ class MoEFeedForward(nn.Module):
         N, A = B * T, B * T * k
         xf = x.reshape(N, C)
         logits, probs, top_w, top_i = self.route(xf)  # (N, E), (N, E), (N, k), (N, k)
-        if (self.expert_parallel is None and token_mask is None and A <= LOOP_MAX_ASSIGNMENTS
-                and not torch.is_grad_enabled() and torch.compiler.is_compiling()):  # a compiled decoding step
-            return self._forward_gathered(xf, logits, probs, top_w, top_i, B, T)
-        if self.expert_parallel is None and self._few_assignments(A):  # decoding: no all-True mask to build
+        compiled_decoding = (token_mask is None and A <= LOOP_MAX_ASSIGNMENTS and not torch.is_grad_enabled()
+                             and torch.compiler.is_compiling())  # gathered experts (_gathered), no host sync
+        if self.expert_parallel is None and (compiled_decoding or self._few_assignments(A)):  # decoding
             valid = None if token_mask is None else token_mask.reshape(N)
             return self._forward_few(xf, valid, logits, probs, top_w, top_i, B, T)
         valid = torch.ones(N, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.reshape(N)
@@ -313,7 +312,8 @@ class MoEFeedForward(nn.Module):
         or scatter: about fifteen ops plus eight per used expert, one host sync (which experts are used), and only
         the used experts' weights are read. Summed in expert order, as `moe_forward_reference`.
         One real token without gradients (batch-1 decoding) reads its k experts and weights straight from the routing
-        instead (`_forward_one`: the same sums, bit-identical, tests/models/test_moe.py)."""
+        instead (`_forward_one`: the same sums, bit-identical, tests/models/test_moe.py); under torch.compile (a
+        compiled decoding step: no gradients, no padding) each token's experts are gathered (`_gathered`)."""
         E, C = self.num_experts, xf.shape[1]
 
         def chosen_counts():
@@ -322,7 +322,9 @@ class MoEFeedForward(nn.Module):
                 chosen = chosen & valid[:, None, None]  # pads choose nothing
             return chosen, chosen.sum((0, 1), dtype=torch.float32)  # (E,) selections per expert
 
-        if xf.shape[0] == 1 and valid is None and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            y, counts = self._gathered(xf, top_w, top_i), None
+        elif xf.shape[0] == 1 and valid is None and not torch.is_grad_enabled():
             y, counts = self._forward_one(xf, top_w, top_i), None
         else:
             chosen, counts = chosen_counts()
@@ -357,11 +359,12 @@ class MoEFeedForward(nn.Module):
             y = out if y is None else y + out
         return y
 
-    def _forward_gathered(self, xf, logits, probs, top_w, top_i, B, T):
-        """A few tokens without gradients or padding, with no host sync (a compiled decoding step, where `_forward_one`
-        would break the graph at its `.tolist()` and bmm would read every expert): each token's k experts' weights are
-        gathered, (N, k, I, C), and applied as batched matrix-vector products. The same values as `_forward_few` to
-        rounding (the products and the sum over k are ordered differently); a slot not taken (top-p, index E) adds 0."""
+    def _gathered(self, xf, top_w, top_i):
+        """xf (N, C), a few tokens without gradients or padding, with no host sync (a compiled decoding step, where
+        `_forward_one` would break the graph at its `.tolist()` and bmm would read every expert): each token's k
+        experts' weights are gathered, (N, k, I, C), and applied as batched matrix-vector products. The same values as
+        the eager paths to rounding (the products and the sum over k are ordered differently); a slot not taken
+        (top-p, index E) adds 0."""
         E = self.num_experts
         taken = top_i < E  # (N, k)
         idx = top_i.clamp(max=E - 1)
@@ -371,15 +374,7 @@ class MoEFeedForward(nn.Module):
         h = F.silu((w1 @ x).squeeze(-1)) * (w3 @ x).squeeze(-1)  # (N, k, I)
         out = (w2 @ h[..., None]).squeeze(-1)  # (N, k, C)
         w = torch.where(taken, top_w, 0.0).to(dt)  # (N, k)
-        y = (out * w[..., None]).sum(1)  # (N, C)
-        if self.layer_scale is not None:
-            y = y * self.layer_scale.to(dt)
-
-        def stats() -> RouterStats:
-            chosen = (top_i[..., None] == torch.arange(E, device=xf.device)).sum((0, 1), dtype=torch.float32)
-            return _make_stats(self, logits, probs, chosen, chosen, None, torch.tensor(xf.shape[0], device=xf.device))
-
-        return y.view(B, T, -1), _DeferredRouterStats.deferred(stats)
+        return (out * w[..., None]).sum(1)  # (N, C)
 
     # ------------------------------------------------------------------------------------------------------------
     def _impl(self, x: torch.Tensor, n_assignments: int) -> str:

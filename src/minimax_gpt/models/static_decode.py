@@ -9,7 +9,7 @@ but only if every step has the same shapes and no host sync. So after the prompt
   held in a tensor (`slot`), and attends over the whole buffer with a mask of the filled slots (masked slots weigh
   exactly 0), so neither the slot nor the context length is a Python number the graph depends on;
 - lightning states and short-convolution inputs live in fixed buffers that each step overwrites in place;
-- MoE layers gather each token's k experts' weights (`MoEFeedForward._forward_gathered`) instead of a host sync.
+- MoE layers gather each token's k experts' weights (`MoEFeedForward._gathered`) instead of a host sync.
 
 The layers themselves are the model's own modules, called with a context whose cache is this one, so there is one
 implementation of every layer; `decode_step` is the model's forward for one token per row. It equals the eager
@@ -75,12 +75,10 @@ class StaticCache:
         if any(s is not None for s in cache.block_sums):
             raise ValueError("a static cache does not support sparse layers")
         self.capacity = cache.capacity
-        self.batch_size = cache.batch_size
         self.keys, self.values = cache.keys, cache.values  # (B, Hkv, S, D) per softmax layer, shared with the prefill
         self.key_positions = cache.key_positions  # (B, S)
         self.states = _InPlace(cache.states)  # (B, H, D, D) per lightning layer
         self.conv_states = _InPlace(cache.conv_states)  # (B, K-1, 3*H*D) with short_conv
-        self.block_sums = [None] * len(cache.keys)
         self.slot = torch.tensor(cache.length, device=cache.key_positions.device)  # next slot to fill
         self.next_position = cache.next_position.clone()  # (B,)
 
