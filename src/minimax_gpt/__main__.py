@@ -186,6 +186,10 @@ def _add_recall(sub) -> None:
     p.add_argument("--seeds", type=_ints, help="seeds, comma-separated (default: the budget's)")
     p.add_argument("--steps", type=int, help="training steps per model (default: the budget's)")
     p.add_argument("--n-pairs", type=int, help="key-value pairs per sequence (default: seq_len // 16)")
+    p.add_argument("--stage-steps", type=int, help="staged context extension: the shortest length trains with the "
+                                                   "recipe, each longer one continues the model before it for this "
+                                                   "many steps (default: a fresh model per length)")
+    p.add_argument("--save-models", action="store_true", help="write every trained model to DIR/models/")
     p.add_argument("--checkpoint", help="passkey retrieval of this checkpoint or training output directory instead "
                                         "(default: none, train and measure the layouts on MQAR)")
     p.add_argument("--trials", type=int, default=4, help="with --checkpoint: passkeys per depth and length")
@@ -335,7 +339,8 @@ def _recall(args, _) -> int:
     from minimax_gpt.evals.recall import format_table, make_budget, run_recall
 
     budget = make_budget(args.config, args.layouts, args.layout, seq_lens=args.seq_lens, seeds=args.seeds,
-                         steps=args.steps, n_pairs=args.n_pairs)
+                         steps=args.steps, n_pairs=args.n_pairs, stage_steps=args.stage_steps,
+                         save_models=args.save_models or None)
     with tqdm(total=budget.total_steps(), desc="recall", unit="step", file=sys.stderr) as bar:
         def report(name, T, seed, accuracy):
             bar.write(f"{name} T={T} seed {seed}: accuracy {accuracy:.3f}", file=sys.stderr)

@@ -89,6 +89,12 @@ def test_recall_command_runs_a_budget_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["layout", "params", "T=16"] and "recall.json" in out
     assert set(json.loads((tmp_path / "out" / "recall.json").read_text())["layouts"]) == {"softmax", "lightning"}
+    assert main(["recall", "--config", str(config), "--out", str(tmp_path / "staged"), "--layouts", "softmax",
+                 "--seq-lens", "12,16", "--stage-steps", "1", "--save-models"]) == 0
+    staged = json.loads((tmp_path / "staged" / "recall.json").read_text())
+    assert staged["budget"]["stage_steps"] == 1 and len(staged["layouts"]["softmax"]["lengths"]["16"]["zero_shot"]) == 1
+    assert sorted(p.name for p in (tmp_path / "staged" / "models").iterdir()) == ["softmax-seed0-T12",
+                                                                                  "softmax-seed0-T16"]
     assert main(["recall", "--seeds", "x"]) == 2
     assert "expected comma-separated integers, got 'x'" in capsys.readouterr().err
 
@@ -137,3 +143,32 @@ def test_conv_and_sparse_layouts_get_their_model_settings(tmp_path):
                                        'mixed = ["lightning", "softmax"]\n[short_conv]\nother = 4\n')
     with pytest.raises(ValueError, match="short_conv names layout.s. other"):
         make_budget(tmp_path / "bad.toml", ["mixed"])
+
+
+def test_staged_extension_grows_each_seeds_model_through_the_lengths(tmp_path):
+    from minimax_gpt.evals.mqar_training import train_mqar
+
+    budget = RecallBudget(**{**TINY, "seq_lens": (24, 16), "stage_steps": 2, "save_models": True})
+    steps = []
+    seen = []
+    staged = run_recall(budget, tmp_path / "staged", on_step=lambda: steps.append(1),
+                        on_result=lambda *r: seen.append(r[:3]))
+    assert seen == [(n, T, s) for n in ("mixed", "linear") for s in (0, 1) for T in (16, 24)]  # shortest first
+    assert len(steps) == budget.total_steps() == 2 * 2 * (3 + 2)
+    assert budget.stage_recipe() == MQARRecipe(steps=2, batch_size=4, warmup_steps=0, curriculum=0.0)
+    # the shortest length is the plain recipe's run, to the last digit
+    plain = run_recall(RecallBudget(**{**TINY, "seq_lens": (16,)}), tmp_path / "plain")
+    for name in ("mixed", "linear"):
+        assert staged["layouts"][name]["lengths"]["16"] == plain["layouts"][name]["lengths"]["16"]
+        assert "zero_shot" in staged["layouts"][name]["lengths"]["24"] and \
+            len(staged["layouts"][name]["lengths"]["24"]["zero_shot"]) == 2
+    # the T = 24 model is the T = 16 model of the same seed trained on for stage_steps steps, on fresh batches
+    models = tmp_path / "staged" / "models"
+    before = EnhancedMiniMaxGPT.from_pretrained(models / "mixed-seed1-T16")
+    after = EnhancedMiniMaxGPT.from_pretrained(models / "mixed-seed1-T24")
+    train_mqar(before, budget.spec(24), budget.stage_recipe(), seed=1 + 7919 * 24)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="stage_steps must be >= 1"):
+        RecallBudget(**{**TINY, "stage_steps": 0})
+    assert make_budget(stage_steps=300, save_models=True).total_steps() == 4 * (1200 + 300)

@@ -56,6 +56,12 @@ class RecallBudget:
     short_conv: dict[str, int] = field(default_factory=dict)
     sparse_block_size: int = 8  # "sparse" layers (MoBA): key blocks of this many positions (T = 64: 8 blocks) ...
     sparse_top_k: int = 2  # ... each query sees its own block causally and this many earlier ones
+    # None: every length trains a fresh model with the recipe. An int: staged context extension, as MiniMax-01
+    # trains its long contexts -- the shortest length trains with the recipe, each longer one continues the model
+    # of the length before for this many steps (all pairs from the start); its accuracy is also measured before
+    # those steps ("zero_shot")
+    stage_steps: int | None = None
+    save_models: bool = False  # write each trained model to models/NAME-seedS-TT/ (save_pretrained) in the out dir
 
     def __post_init__(self) -> None:
         self.seq_lens, self.seeds = tuple(self.seq_lens), tuple(self.seeds)
@@ -66,8 +72,8 @@ class RecallBudget:
             raise ValueError("a recall budget needs at least one seq_len and one seed")
         for T in self.seq_lens:
             self.spec(T)  # each length checked against the pairs and keys now, not after hours of training
-        for name in ("n_layer", "n_embd", "n_head", "eval_sequences"):
-            if getattr(self, name) < 1:
+        for name in ("n_layer", "n_embd", "n_head", "eval_sequences", "stage_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"recall budget {name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.recipe, dict):
             self.recipe = MQARRecipe(**self.recipe)
@@ -93,7 +99,14 @@ class RecallBudget:
                              sparse_top_k=self.sparse_top_k)
 
     def total_steps(self) -> int:
-        return len(self.layouts) * len(self.seq_lens) * len(self.seeds) * self.recipe.steps
+        if self.stage_steps is None:
+            return len(self.layouts) * len(self.seq_lens) * len(self.seeds) * self.recipe.steps
+        return len(self.layouts) * len(self.seeds) * (self.recipe.steps + (len(self.seq_lens) - 1) * self.stage_steps)
+
+    def stage_recipe(self) -> MQARRecipe:
+        """The recipe of an extension stage: stage_steps steps, a tenth of them warm-up, every pair from the start."""
+        steps = self.stage_steps or self.recipe.steps
+        return dataclasses.replace(self.recipe, steps=steps, warmup_steps=steps // 10, curriculum=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,41 +150,57 @@ def run_recall(budget: RecallBudget, out_dir: str | os.PathLike, on_step: Callab
     start = time.perf_counter()
     results: dict[str, Any] = {"budget": budget.to_dict(), "chance": budget.spec(budget.seq_lens[0]).chance,
                                "layouts": {}, "wall_seconds": 0.0, "complete": False}
+    lengths = sorted(budget.seq_lens) if budget.stage_steps is not None else list(budget.seq_lens)
     for name, types in budget.layouts.items():
         entry = results["layouts"][name] = {"layer_types": types, "short_conv": budget.short_conv[name],
                                             "params": None, "lengths": {}}
-        for T in budget.seq_lens:
-            spec = budget.spec(T)
-            row = entry["lengths"][str(T)] = {"n_pairs": spec.n_pairs, "accuracy": [], "final_loss": []}
-            for seed in budget.seeds:
-                accuracy, loss, params = _train_and_measure(budget, types, budget.short_conv[name], spec, seed,
-                                                            on_step)
-                entry["params"] = params
-                row["accuracy"].append(accuracy)
-                row["final_loss"].append(loss)
-                row["mean"], row["std"] = mean_and_std(row["accuracy"])
-                results["wall_seconds"] = round(time.perf_counter() - start, 1)
-                write_results(results, out_dir / RESULTS_NAME)
-                if on_result is not None:
-                    on_result(name, T, seed, accuracy)
+        for T in lengths:
+            entry["lengths"][str(T)] = {"n_pairs": budget.spec(T).n_pairs, "accuracy": [], "final_loss": []}
+        # staged: seeds outside lengths (each seed's model grows through the lengths); else lengths outside seeds
+        runs = [(s, T) for s in budget.seeds for T in lengths] if budget.stage_steps is not None else \
+            [(s, T) for T in lengths for s in budget.seeds]
+        model = None
+        for seed, T in runs:
+            row = entry["lengths"][str(T)]
+            previous = model if budget.stage_steps is not None and T != lengths[0] else None
+            if previous is not None:
+                row.setdefault("zero_shot", []).append(
+                    evaluate_mqar(previous, budget.spec(T), budget.eval_sequences, seed=10_000 + seed))
+            model, accuracy, loss = _train_and_measure(budget, name, budget.spec(T), seed, on_step, previous)
+            entry["params"] = sum(p.numel() for p in model.parameters())
+            row["accuracy"].append(accuracy)
+            row["final_loss"].append(loss)
+            row["mean"], row["std"] = mean_and_std(row["accuracy"])
+            if budget.save_models:
+                model.save_pretrained(out_dir / "models" / f"{name}-seed{seed}-T{T}")
+            results["wall_seconds"] = round(time.perf_counter() - start, 1)
+            write_results(results, out_dir / RESULTS_NAME)
+            if on_result is not None:
+                on_result(name, T, seed, accuracy)
     results["complete"] = True
     write_results(results, out_dir / RESULTS_NAME)
     plot_recall(results, out_dir / PLOT_NAME)
     return results
 
 
-def _train_and_measure(budget: RecallBudget, types: list[str], short_conv: int, spec: MQARSpec, seed: int,
-                       on_step: Callable[[], None] | None) -> tuple[float, float, int]:
-    """(accuracy on fresh sequences, mean loss of the last 50 steps, parameter count) of one trained model."""
+def _train_and_measure(budget: RecallBudget, name: str, spec: MQARSpec, seed: int,
+                       on_step: Callable[[], None] | None, model: torch.nn.Module | None = None,
+                       ) -> tuple[torch.nn.Module, float, float]:
+    """(the trained model, its accuracy on fresh sequences, mean loss of its last 50 steps): a fresh model of layout
+    `name` trained with the recipe, or `model` trained further for an extension stage."""
     from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
-    torch.manual_seed(seed)
-    model = EnhancedMiniMaxGPT(budget.model_config(types, short_conv))
-    losses = train_mqar(model, spec, budget.recipe, seed=seed,
+    recipe, data_seed = budget.recipe, seed
+    if model is None:
+        torch.manual_seed(seed)
+        model = EnhancedMiniMaxGPT(budget.model_config(budget.layouts[name], budget.short_conv[name]))
+    else:  # fresh batches for every stage: never the ones an earlier length trained on
+        recipe, data_seed = budget.stage_recipe(), seed + 7919 * spec.seq_len
+    losses = train_mqar(model, spec, recipe, seed=data_seed,
                         on_step=(lambda step, loss: on_step()) if on_step is not None else None)
     accuracy = evaluate_mqar(model, spec, budget.eval_sequences, seed=10_000 + seed)  # never a training batch
     tail = losses[-50:]
-    return accuracy, sum(tail) / len(tail), sum(p.numel() for p in model.parameters())
+    return model, accuracy, sum(tail) / len(tail)
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float]:
