@@ -31,7 +31,8 @@ def _device(model) -> torch.device:
 
 def _logprobs(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     """logits (n, V) predicting `targets` (n tokens): (sum of their log-probabilities, all of them the argmax)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    # float64: a document's score sums thousands of these, where float32's rounding would reach 1e-3
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (n, V)
     t = torch.tensor(targets, dtype=torch.long, device=logits.device)
     return float(logp.gather(1, t[:, None]).sum()), bool((logp.argmax(dim=-1) == t).all())
 
