@@ -32,15 +32,13 @@ BUDGET = ROOT / "docs" / "recall-2layer.toml"
 
 def run_one(args: argparse.Namespace, seed: int) -> dict:
     """Train the layout with its lightning layers' decay rates replaced; its accuracy at 1x, 2x, 4x T."""
-    from minimax_gpt.evals.mqar_training import evaluate_mqar, train_mqar
+    from minimax_gpt.evals.mqar_training import train_mqar
     from minimax_gpt.evals.recall import make_budget
     from minimax_gpt.models.lightning import LightningAttention
-    from minimax_gpt.models.model import EnhancedMiniMaxGPT
 
     budget = make_budget(None if args.packaged else BUDGET, layouts=[args.layout],
                          seq_lens=(args.seq_len,) if args.seq_len else None, steps=args.steps, n_head=args.n_head)
-    torch.manual_seed(seed)
-    model = EnhancedMiniMaxGPT(budget.model_config(budget.layouts[args.layout], budget.short_conv[args.layout]))
+    model = budget.new_model(args.layout, seed)
     default = {}
     for name, module in model.named_modules():
         if isinstance(module, LightningAttention):  # a buffer: the chunked, recurrent and cached paths all read it
@@ -55,10 +53,10 @@ def run_one(args: argparse.Namespace, seed: int) -> dict:
     start = time.perf_counter()
     spec = budget.spec(budget.seq_lens[0])
     losses = train_mqar(model, spec, budget.recipe, seed=seed)
-    accuracy = {str(spec.seq_len): evaluate_mqar(model, spec, budget.eval_sequences, seed=10_000 + seed)}
+    accuracy = {str(spec.seq_len): budget.measure(model, spec, seed)}
     for factor in (2, 4):
         longer = budget.spec(spec.seq_len * factor)
-        accuracy[str(longer.seq_len)] = evaluate_mqar(model, longer, 256, seed=10_000 + seed)
+        accuracy[str(longer.seq_len)] = budget.measure(model, longer, seed, n_sequences=256)
     return {"variant": variant(args), "seed": seed, "n_layer": budget.n_layer, "steps": budget.recipe.steps,
             "default_slopes": default, "accuracy": accuracy, "final_loss": sum(losses[-50:]) / 50,
             "wall_seconds": round(time.perf_counter() - start, 1)}

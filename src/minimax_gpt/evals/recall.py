@@ -105,8 +105,20 @@ class RecallBudget:
 
     def stage_recipe(self) -> MQARRecipe:
         """The recipe of an extension stage: stage_steps steps, a tenth of them warm-up, every pair from the start."""
-        steps = self.stage_steps or self.recipe.steps
-        return dataclasses.replace(self.recipe, steps=steps, warmup_steps=steps // 10, curriculum=0.0)
+        return dataclasses.replace(self.recipe, steps=self.stage_steps, warmup_steps=self.stage_steps // 10,
+                                   curriculum=0.0)
+
+    def new_model(self, name: str, seed: int) -> torch.nn.Module:
+        """A fresh model of layout `name`, initialised from `seed`."""
+        from minimax_gpt.models.model import EnhancedMiniMaxGPT
+
+        torch.manual_seed(seed)
+        return EnhancedMiniMaxGPT(self.model_config(self.layouts[name], self.short_conv[name]))
+
+    def measure(self, model: torch.nn.Module, spec: MQARSpec, seed: int, n_sequences: int | None = None) -> float:
+        """Accuracy on n_sequences (default eval_sequences) fresh sequences of `spec`, made from a generator that
+        no training batch uses."""
+        return evaluate_mqar(model, spec, n_sequences or self.eval_sequences, seed=10_000 + seed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -164,8 +176,7 @@ def run_recall(budget: RecallBudget, out_dir: str | os.PathLike, on_step: Callab
             row = entry["lengths"][str(T)]
             previous = model if budget.stage_steps is not None and T != lengths[0] else None
             if previous is not None:
-                row.setdefault("zero_shot", []).append(
-                    evaluate_mqar(previous, budget.spec(T), budget.eval_sequences, seed=10_000 + seed))
+                row.setdefault("zero_shot", []).append(budget.measure(previous, budget.spec(T), seed))
             model, accuracy, loss = _train_and_measure(budget, name, budget.spec(T), seed, on_step, previous)
             entry["params"] = sum(p.numel() for p in model.parameters())
             row["accuracy"].append(accuracy)
@@ -188,17 +199,14 @@ def _train_and_measure(budget: RecallBudget, name: str, spec: MQARSpec, seed: in
                        ) -> tuple[torch.nn.Module, float, float]:
     """(the trained model, its accuracy on fresh sequences, mean loss of its last 50 steps): a fresh model of layout
     `name` trained with the recipe, or `model` trained further for an extension stage."""
-    from minimax_gpt.models.model import EnhancedMiniMaxGPT
-
     recipe, data_seed = budget.recipe, seed
     if model is None:
-        torch.manual_seed(seed)
-        model = EnhancedMiniMaxGPT(budget.model_config(budget.layouts[name], budget.short_conv[name]))
+        model = budget.new_model(name, seed)
     else:  # fresh batches for every stage: never the ones an earlier length trained on
         recipe, data_seed = budget.stage_recipe(), seed + 7919 * spec.seq_len
     losses = train_mqar(model, spec, recipe, seed=data_seed,
                         on_step=(lambda step, loss: on_step()) if on_step is not None else None)
-    accuracy = evaluate_mqar(model, spec, budget.eval_sequences, seed=10_000 + seed)  # never a training batch
+    accuracy = budget.measure(model, spec, seed)
     tail = losses[-50:]
     return model, accuracy, sum(tail) / len(tail)
 
